@@ -1,0 +1,128 @@
+"""Load a model + processor from a hub id, a local `save_pretrained` folder, `tiny:<family>` or
+`base:<family>[@preset]`.
+
+Hub ids and local folders share one code path (`from_pretrained` accepts both). Processors are
+always built explicitly, never through `AutoProcessor`: without torchvision every video
+processor fails to import, and `AutoProcessor` on such a folder silently returns the bare
+tokenizer. We build an image-only subclass of the family's processor instead.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lmm_ray.families import Family, TinySize, family_of_config, get_family
+
+_IMAGE_ONLY: dict[type, type] = {}
+
+
+def image_only(cls: type) -> type:
+    """A subclass of a processor class whose `__init__` has no `video_processor` argument.
+
+    `ProcessorMixin` reads the attributes it manages off the `__init__` signature, so dropping
+    the argument makes the processor image + text only (saving and loading included).
+    """
+    if cls not in _IMAGE_ONLY:
+        import inspect
+
+        if "video_processor" not in inspect.signature(cls.__init__).parameters:
+            _IMAGE_ONLY[cls] = cls
+        else:
+
+            def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+                cls.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+            _IMAGE_ONLY[cls] = type("ImageOnly" + cls.__name__, (cls,), {"__init__": __init__})
+    return _IMAGE_ONLY[cls]
+
+
+@dataclass
+class Loaded:
+    model: Any
+    processor: Any
+    family: Family
+    ref: str
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    def save(self, path: str | os.PathLike) -> None:
+        """A folder `from_pretrained` (and `load_model`) reads back: model, tokenizer, processor."""
+        self.model.save_pretrained(path)
+        self.processor.save_pretrained(path)
+
+
+def build_processor(family: Family, tokenizer, size: TinySize):
+    cls = image_only(family.processor_class)
+    return cls(
+        image_processor=family.build_image_processor(size),
+        tokenizer=tokenizer,
+        chat_template=tokenizer.chat_template,
+        **family.processor_kwargs(size),
+    )
+
+
+def build_tiny(family_name: str, size: TinySize = TinySize(), seed: int = 0) -> Loaded:
+    """An untrained tiny model of a family, with its local tokenizer and processor."""
+    from lmm_ray.tokenizer import build_tokenizer
+
+    family = get_family(family_name)
+    tok = build_tokenizer(family.image_placeholder, family.tokenizer_specials)
+    torch.manual_seed(seed)
+    model = family.build_tiny(tok, size)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    return Loaded(model, build_processor(family, tok, size), family, f"tiny:{family_name}")
+
+
+def load_pretrained(path_or_id: str, *, dtype: torch.dtype | None = None) -> Loaded:
+    """A hub id or a local folder saved with `save_pretrained`: the same code path for both."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path_or_id)
+    except (OSError, ValueError) as e:
+        where = "a local folder without config.json" if os.path.isdir(path_or_id) else "not a local folder"
+        raise ValueError(
+            f"cannot load model {path_or_id!r}: {where}, and not a reachable hub id ({e.__class__.__name__}). "
+            "Use a folder written by save_pretrained, a hub id on a machine that reaches the hub, "
+            "'tiny:<family>' or 'base:<family>'."
+        ) from e
+    family = family_of_config(config)
+    model = family.model_class.from_pretrained(path_or_id, dtype=dtype or torch.float32)
+    processor = image_only(family.processor_class).from_pretrained(path_or_id)
+    return Loaded(model, processor, family, path_or_id)
+
+
+def load_model(ref: str, *, dtype: torch.dtype | None = None) -> Loaded:
+    """Resolve any model reference to a model + processor."""
+    if ref.startswith("tiny:"):
+        return build_tiny(ref.split(":", 1)[1])
+    if ref.startswith("base:"):
+        from lmm_ray import base
+
+        return load_pretrained(str(base.ensure(ref)), dtype=dtype)
+    return load_pretrained(ref, dtype=dtype)
+
+
+def model_config(ref: str):
+    """(family, config) of a reference without loading weights: what offline validation needs."""
+    if ref.startswith("tiny:") or ref.startswith("base:"):
+        fam = ref.split(":", 1)[1].split("@")[0]
+        loaded = build_tiny(fam)
+        return loaded.family, loaded.model.config
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(ref)
+    return family_of_config(config), config
+
+
+def meta_model(family: Family, config):
+    """The model's parameters (names and shapes) without allocating their memory."""
+    with torch.device("meta"):
+        return family.model_class(config)
