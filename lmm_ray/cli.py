@@ -57,6 +57,54 @@ def cmd_recipes(a) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# eval
+
+
+def _skill_names(arg: str | None) -> list[str]:
+    from lmm_ray import skills
+
+    names = list(dict.fromkeys(s.strip() for s in arg.split(",") if s.strip())) if arg else (
+        skills.target_skills() + skills.heldout_skills())
+    if not names:
+        raise UserError("--skills names no skill")
+    for n in names:
+        skills.get_skill(n)  # unknown name -> UnknownName listing the valid ones (exit 2)
+    return names
+
+
+def cmd_eval(a) -> int:
+    from lmm_ray import evaluate, models
+
+    names = _skill_names(a.skills)  # before loading anything: a typo costs nothing
+    if a.n < 1 or a.batch_size < 1:
+        raise UserError("--n and --batch-size must be >= 1")
+    loaded = models.load_model(a.model)
+    sets = evaluate.generated_eval_sets(loaded.processor, names, a.n, a.seed, a.image_size)
+    report = evaluate.evaluate(loaded.model, loaded.processor, sets, batch_size=a.batch_size)
+    metrics = report.metrics()
+    if a.json:
+        print(json.dumps({"model": a.model, "n": a.n, "metrics": metrics}))
+        return 0
+    print(f"# {a.model}: {a.n} samples per skill, eval seed {evaluate.eval_seed(a.seed)} (accuracy in pp)")
+    w = max(len(n) for n in names + ["held-out skills"]) - 2
+    for kind, title in (("target", "target skills"), ("heldout", "held-out skills")):
+        rows = [r for r in report.results.values() if r.kind == kind]
+        if not rows:
+            continue
+        print(f"{title:<{w + 2}}  {'acc':>6}  {'chance':>6}")
+        for r in rows:
+            chance = f"{r.chance:6.1f}" if r.chance is not None else f"{'?':>6}"
+            print(f"  {r.skill:<{w}}  {r.acc:6.1f}  {chance}")
+        print(f"  {'mean':<{w}}  {metrics[kind + '/mean_acc']:6.1f}")
+    if report.probe:
+        print("probe on held-out prompts (base: none, so no counting bias / KL)")
+        for k, v in report.probe.items():
+            unit = " nats" if k.endswith("entropy") else " pp" if k.endswith("acc") or "acc_" in k else ""
+            print(f"  {k.removeprefix('probe/'):<22}  {v:8.4g}{unit}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print {recipe: {trainable, total, roles}} as JSON")
     r.add_argument("--compact", action="store_true", help=argparse.SUPPRESS)
     r.set_defaults(fn=cmd_recipes)
+
+    e = sub.add_parser("eval", help="accuracy per generated skill (pp) and the counting-bias probe")
+    e.add_argument("--model", required=True, help="hub id, local folder, tiny:<family>, base:<family>")
+    e.add_argument("--skills", help="comma-separated skill names (default: every generated target and held-out skill)")
+    e.add_argument("--n", type=int, default=64, help="samples per skill (default 64)")
+    e.add_argument("--batch-size", type=int, default=64, help="prompts per generate call (default 64)")
+    e.add_argument("--seed", type=int, default=0, help="evaluation stream; samples come from seed 10000+S")
+    e.add_argument("--image-size", type=int, default=None, help="image side in pixels (default: the skills' default)")
+    e.add_argument("--json", action="store_true", help='print one JSON object {"model", "n", "metrics"}')
+    e.set_defaults(fn=cmd_eval)
 
     for register in _EXTRA_VERBS:
         register(sub)

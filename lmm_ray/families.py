@@ -42,7 +42,9 @@ ROLE_ORDER = [*LLM_ROLES, "vision", "projector"]
 
 @dataclass(frozen=True)
 class TinySize:
-    """Sizes of a tiny model. Image tokens per image = (image_size / patch)^2 / 4 for every family."""
+    """Sizes of a tiny model. An image gives (image_size / patch)^2 / 4 tokens in Qwen2.5-VL, InternVL
+    and LLaVA; LLaVA-OneVision adds an "anyres" crop of the same size plus one newline per row
+    (2n^2 + n tokens for n = image_size / (2 * patch))."""
 
     hidden: int = 128
     layers: int = 4

@@ -24,19 +24,26 @@ def image_only(cls: type) -> type:
     """A subclass of a processor class whose `__init__` has no `video_processor` argument.
 
     `ProcessorMixin` reads the attributes it manages off the `__init__` signature, so dropping
-    the argument makes the processor image + text only (saving and loading included).
+    the argument makes the processor image + text only. The family's own arguments must stay
+    explicit parameters (transformers saves and reloads only those it finds in `__init__`'s
+    signature and code), so the `__init__` is generated from the parent's signature.
     """
-    if cls not in _IMAGE_ONLY:
-        import inspect
+    if cls in _IMAGE_ONLY:
+        return _IMAGE_ONLY[cls]
+    import inspect
 
-        if "video_processor" not in inspect.signature(cls.__init__).parameters:
-            _IMAGE_ONLY[cls] = cls
-        else:
-
-            def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-                cls.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
-            _IMAGE_ONLY[cls] = type("ImageOnly" + cls.__name__, (cls,), {"__init__": __init__})
+    params = [p for n, p in inspect.signature(cls.__init__).parameters.items() if n != "self"]
+    if "video_processor" not in [p.name for p in params]:
+        _IMAGE_ONLY[cls] = cls
+        return cls
+    kept = [p for p in params if p.name != "video_processor" and p.kind is p.POSITIONAL_OR_KEYWORD]
+    defaults = {p.name: (None if p.default is p.empty else p.default) for p in kept}
+    args = ", ".join(f"{p.name}=_defaults[{p.name!r}]" for p in kept)
+    call = ", ".join(f"{p.name}={p.name}" for p in kept)
+    src = f"def __init__(self, {args}, **kwargs):\n    _parent.__init__(self, video_processor=None, {call}, **kwargs)\n"
+    ns: dict = {"_defaults": defaults, "_parent": cls}
+    exec(src, ns)  # noqa: S102 - generated from the parent's own signature
+    _IMAGE_ONLY[cls] = type("ImageOnly" + cls.__name__, (cls,), {"__init__": ns["__init__"]})
     return _IMAGE_ONLY[cls]
 
 

@@ -80,6 +80,18 @@ class RecipeSpec:
             raise RecipeError(f"recipe {name!r}: names no 'roles', 'patterns' or 'lora': it would train nothing")
         return spec
 
+    def to_dict(self) -> dict[str, Any]:
+        """The YAML form (`from_dict(name, to_dict())` gives the spec back)."""
+        d: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "name" or v in (None, (), ""):
+                continue
+            if isinstance(v, LoraSpec):
+                v = {k.name: (list(getattr(v, k.name)) if k.name == "roles" else getattr(v, k.name)) for k in fields(LoraSpec)}
+            d[f.name] = list(v) if isinstance(v, tuple) else v
+        return d
+
     def with_options(self, **overrides) -> "RecipeSpec":
         """A copy with searched options applied (e.g. lora rank, layers) — used by search spaces."""
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "name"}
@@ -114,8 +126,8 @@ def get_recipe(recipe: str | RecipeSpec, custom: dict[str, RecipeSpec] | None = 
         return recipe
     if custom and recipe in custom:
         return custom[recipe]
-    if recipe not in RECIPES and custom:
-        names = sorted([*RECIPES.names(), *custom])
+    if recipe not in RECIPES:
+        names = sorted([*RECIPES.names(), *(custom or {})])
         raise RecipeError(f"unknown recipe {recipe!r}.{did_you_mean(recipe, names)} Valid choices: {', '.join(names)}")
     return RECIPES.get(recipe)
 

@@ -6,16 +6,14 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import textwrap
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # runnable from a checkout without installing the package
+from lmm_ray import skills
 
-from lmm_ray import skills  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 COLS, TEXT_H, PAD = 5, 92, 8
 

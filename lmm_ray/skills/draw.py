@@ -80,8 +80,11 @@ def text(d: ImageDraw.ImageDraw, s: str, cx: float, cy: float, size_px: int, fil
     d.text((cx, cy), s, font=font(size_px), fill=fill, anchor="mm")
 
 
-def texture(size: int, kind: str, period: int, phase: int, fg, bg) -> Image.Image:
-    """A texture filling the whole image; `period` and `phase` are in pixels of this image."""
+def texture(size: int, kind: str, period: int, phase: int, fg, bg, vertical: bool = False) -> Image.Image:
+    """A texture filling the whole image; `period` and `phase` are in pixels of this image.
+
+    `vertical` turns stripes and waves by 90 degrees (checks and dots look alike either way).
+    """
     im, d = canvas(size, bg)
     half = max(1, period // 2)
     if kind == "stripes":
@@ -105,7 +108,7 @@ def texture(size: int, kind: str, period: int, phase: int, fg, bg) -> Image.Imag
                 d.rectangle([x, round(y), x, round(y) + thick - 1], fill=fg)
     else:
         raise ValueError(f"unknown texture {kind!r}")
-    return im
+    return im.transpose(Image.Transpose.TRANSPOSE) if vertical else im
 
 
 def hand_end(cx: float, cy: float, angle_deg: float, length: float) -> tuple[float, float]:

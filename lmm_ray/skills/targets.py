@@ -34,16 +34,26 @@ LETTERS = "ABCD"
 
 
 @skill("species", kind="target", answer_type="choice", study_role="CUB-200",
-       description="fine-grained 4-way multiple choice over 48 made-up species (colour x pattern x head x tail)")
+       description="4-way choice over 48 made-up species (colour x pattern x head x tail); "
+                   "half the option sets differ in only two attributes")
 def species(rng: random.Random, size: int) -> Sample:
     true = rng.randrange(len(SPECIES))
     attrs = SPECIES[true]
-    # One near miss (differs in a single attribute) makes it fine-grained: the whole attribute
-    # combination must be read, not just the colour.
-    near = [i for i, a in enumerate(SPECIES) if sum(x != y for x, y in zip(a, attrs)) == 1]
-    distract = [rng.choice(near)]
-    distract += rng.sample([i for i in range(len(SPECIES)) if i != true and i not in distract], 2)
-    options = distract + [true]
+    # Options must not give the answer away to a text-only model, so every option set is
+    # symmetric: either 4 random classes or, half of the time, a fine-grained "square" that
+    # varies two attributes (2 x 2 values), so both must be read from the image.
+    if rng.random() < 0.5:
+        options = [true] + rng.sample([i for i in range(len(SPECIES)) if i != true], 3)
+    else:
+        a, b = rng.sample(range(4), 2)
+        values = (BODY_COLORS, PATTERNS, HEADS, TAILS)
+        alt_a = rng.choice([v for v in values[a] if v != attrs[a]])
+        alt_b = rng.choice([v for v in values[b] if v != attrs[b]])
+        options = []
+        for va, vb in itertools.product((attrs[a], alt_a), (attrs[b], alt_b)):
+            o = list(attrs)
+            o[a], o[b] = va, vb
+            options.append(SPECIES.index(tuple(o)))
     rng.shuffle(options)
     color, pattern, head, tail = attrs
     facing = rng.choice((-1, 1))
@@ -82,15 +92,17 @@ TEXTURES = {"stripes": "striped", "dots": "dotted", "checks": "checked", "waves"
 
 
 @skill("texture", kind="target", answer_type="word", study_role="PathVQA",
-       description="half yes/no ('is the texture striped?'), half open ('what texture is this?')")
+       description="1/3 yes/no ('is the texture striped?'), 2/3 open ('what texture is this?')")
 def texture(rng: random.Random, size: int) -> Sample:
     kind = rng.choice(list(TEXTURES))
     fg = draw.COLORS[rng.choice(list(draw.COLORS))]
     bg = tuple(255 - (255 - c) // 5 for c in fg)  # a pale tint of the same hue, like a stain
     period = round(rng.uniform(10, 14) * size / 64)
-    im = draw.texture(size, kind, period, rng.randrange(period), fg, bg)
-    meta = {"texture": kind, "period": period}
-    if rng.random() < 0.5:
+    vertical = rng.random() < 0.5
+    im = draw.texture(size, kind, period, rng.randrange(period), fg, bg, vertical)
+    meta = {"texture": kind, "period": period, "vertical": vertical}
+    # Two thirds open questions: then yes, no and each texture name are 1/6 of the answers.
+    if rng.random() < 2 / 3:
         return Sample(im, "what texture is this?", kind, "word", meta=meta)
     # Asked texture is the true one half of the time, so yes and no are balanced.
     asked = kind if rng.random() < 0.5 else rng.choice([t for t in TEXTURES if t != kind])
@@ -108,7 +120,7 @@ WORDS = ("cat", "dog", "sun", "map", "cup", "hat", "pen", "key",
 def read_word(rng: random.Random, size: int) -> Sample:
     word = rng.choice(WORDS)
     im, d = draw.canvas(size)
-    font_px = round(rng.uniform(19, 23) * size / 64)
+    font_px = round(rng.uniform(20, 24) * size / 64)
     while draw.font(font_px).getlength(word) > size - 4:  # long words shrink to fit
         font_px -= 1
     color = tuple(rng.randint(0, 90) for _ in range(3))  # dark ink, strong contrast on white

@@ -1,0 +1,62 @@
+"""Evaluation throughput: samples/second of `evaluate` at batch 64 vs batch 1.
+
+    python benchmarks/eval_throughput.py [--model tiny:qwen2_5_vl] [--n 64] [--repeats 3]
+
+Every held-out skill, n samples each, the same encoded samples for both batch sizes (encoding
+is done once, outside the timing, as in a sweep). Each batch size gets one warm-up run, then
+the median of `repeats` timed runs. The time includes decoding, scoring and the probe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from lmm_ray import evaluate as ev
+from lmm_ray import models, skills
+
+
+def timed(loaded, sets, batch_size: int, repeats: int) -> tuple[float, list[float]]:
+    n = sum(len(s) for s in sets.values())
+    ev.evaluate(loaded.model, loaded.processor, sets, batch_size=batch_size)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        ev.evaluate(loaded.model, loaded.processor, sets, batch_size=batch_size)
+        times.append(time.perf_counter() - t)
+    return n / statistics.median(times), times
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="tiny:qwen2_5_vl")
+    p.add_argument("--n", type=int, default=64, help="samples per held-out skill")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch-sizes", default="64,1")
+    a = p.parse_args()
+
+    loaded = models.load_model(a.model)
+    names = skills.heldout_skills()
+    sets = ev.generated_eval_sets(loaded.processor, names, a.n, seed=0)
+    total = sum(len(s) for s in sets.values())
+    print(f"# {a.model}: {len(names)} held-out skills x {a.n} = {total} samples; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+          f"{platform.processor() or platform.machine()}")
+    rows = []
+    for bs in (int(b) for b in a.batch_sizes.split(",")):
+        rate, times = timed(loaded, sets, bs, a.repeats)
+        rows.append((bs, rate, times))
+    print(f"{'batch':>5}  {'samples/s':>9}  {'median s':>8}  runs (s)")
+    for bs, rate, times in rows:
+        print(f"{bs:>5}  {rate:9.1f}  {statistics.median(times):8.2f}  " + " ".join(f"{t:.2f}" for t in times))
+    if len(rows) >= 2:
+        print(f"ratio batch {rows[0][0]} / batch {rows[-1][0]}: {rows[0][1] / rows[-1][1]:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Lean trial checkpoints: only what the trial changed, never the frozen base.
+
+A checkpoint folder holds `trainable.safetensors` (the tensors the recipe trains, under their
+names in the recipe-applied model) and `state.json` (stage index, per-stage metric history,
+the recipe and the model reference). The optimizer and scheduler are restarted at every stage,
+as in the study, so at a stage boundary they carry no state worth saving; batches are drawn
+from generators seeded by (seed, stage), so no RNG state is needed either (see optim.py).
+`to_full_model` turns a checkpoint back into a complete `save_pretrained` folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+TENSORS = "trainable.safetensors"
+STATE = "state.json"
+
+
+def unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().to("cpu").contiguous() for n, p in unwrap(model).named_parameters() if p.requires_grad}
+
+
+def save(path: str | Path, model, state: dict) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(trainable_state(model), str(path / TENSORS))
+    (path / STATE).write_text(json.dumps(state, indent=1))
+    return path
+
+
+def load_state(path: str | Path) -> dict:
+    return json.loads((Path(path) / STATE).read_text())
+
+
+def restore(path: str | Path, model) -> dict:
+    """Load the checkpoint's tensors into a recipe-applied model; returns the saved state."""
+    tensors = load_file(str(Path(path) / TENSORS))
+    params = dict(unwrap(model).named_parameters())
+    missing = [n for n in tensors if n not in params]
+    if missing:
+        raise ValueError(f"checkpoint {path} holds tensors the model does not have (recipe mismatch?): {missing[:3]}")
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    if set(tensors) != trainable:
+        raise ValueError(f"checkpoint {path} does not match the recipe's trainable set ({len(tensors)} vs {len(trainable)} tensors)")
+    with torch.no_grad():
+        for n, t in tensors.items():
+            params[n].copy_(t.to(params[n].device, params[n].dtype))
+    return load_state(path)
+
+
+def to_full_model(ckpt: str | Path, out_dir: str | Path, model_ref: str | None = None) -> Path:
+    """Apply a checkpoint to its base model and save a full model folder (model, tokenizer, processor)."""
+    from lmm_ray import models, recipes
+
+    state = load_state(ckpt)
+    loaded = models.load_model(model_ref or state["model"])
+    spec = recipes.RecipeSpec.from_dict(state["recipe_name"], state["recipe"])
+    model, _ = recipes.apply(loaded.model, loaded.family, spec)
+    restore(ckpt, model)
+    if hasattr(model, "merge_and_unload"):  # peft: fold the adapters into the base weights
+        model = model.merge_and_unload()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    loaded.model = model
+    loaded.save(out_dir)
+    return Path(out_dir)

@@ -1,0 +1,298 @@
+"""Build and run (or resume) a sweep: Optuna searches recipes on Ray Tune, each trial a Ray Train run.
+
+The shape follows Ray 2.60's Train V2 (see shared/research/ray_stack.md): a Tune trial is a plain
+function that builds a `TorchTrainer` and calls `fit()`; workers report once per stage; the
+trial function holds only a sliver of a CPU so it never blocks a worker. The base model is
+evaluated once per sweep and handed to every trial. After the run, the results and per-stage
+tables are written next to the Tune state and the Pareto front is printed and logged to MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import pandas as pd
+
+from lmm_ray import config as C
+from lmm_ray import objective, tracking
+from lmm_ray.train import HeldoutSpec, StageSpec, TrialSpec
+
+# The trial function only waits on its TorchTrainer; a sliver of a CPU lets Ray schedule it
+# (0 is refused) without holding a core that a training worker needs.
+TRIAL_DRIVER_RESOURCES = {"CPU": 0.01}
+TUNE_DIR = "tune"
+
+
+class SweepError(RuntimeError):
+    pass
+
+
+def trial_spec(cfg: "C.SweepConfig", sampled: dict, trial_id: str = "local") -> TrialSpec:
+    """The concrete, self-contained description of one trial (what the workers receive)."""
+    recipe = C.trial_recipe(cfg, sampled)
+    train = C.trial_train(cfg.train, sampled)
+    return TrialSpec(
+        model=cfg.model,
+        recipe_name=recipe.name,
+        recipe=recipe.to_dict(),
+        lr=float(sampled["lr"]),
+        stages=[StageSpec(s.name, s.skill, s.data, s.eval_data, s.steps, s.epochs) for s in cfg.stages],
+        heldout=[HeldoutSpec(h.name, h.skill, h.data) for h in cfg.heldout],
+        train=asdict(train),
+        eval=asdict(cfg.eval),
+        lam=cfg.objective.lam,
+        mu=cfg.objective.mu,
+        trial_id=trial_id,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray
+
+
+def init_ray(cfg: "C.SweepConfig", address: str | None = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:  # an existing cluster (or inside `ray job submit`): connect, never size it
+        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}})
+        return
+    ray.init(
+        num_cpus=os.cpu_count(),
+        runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}},
+        object_store_memory=256 * 2**20,  # the default (30% of RAM in /dev/shm) is far more than trials need
+        include_dashboard=True,  # Train V2 cleans up stopped trials' workers through the State API
+        log_to_driver=True,
+        configure_logging=True,
+        logging_level="WARNING",
+    )
+
+
+def _scaling(cfg: "C.SweepConfig"):
+    import ray.train
+
+    r = cfg.resources
+    per_worker = {"CPU": r.cpus_per_worker}
+    if r.gpus_per_worker:
+        per_worker["GPU"] = r.gpus_per_worker
+    return ray.train.ScalingConfig(num_workers=r.num_workers, use_gpu=r.gpus_per_worker > 0, resources_per_worker=per_worker)
+
+
+def make_trial_fn(cfg: "C.SweepConfig", base_packed: dict):
+    """The Tune trial: builds the trial's TorchTrainer and runs it to the end."""
+    import ray.train
+    import ray.train.torch
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from lmm_ray.train import train_loop_per_worker
+
+    storage = str(Path(cfg.sweep_dir) / "train") if "://" not in cfg.sweep_dir else cfg.sweep_dir.rstrip("/") + "/train"
+
+    def trial(sampled: dict) -> None:
+        tid = ray.tune.get_context().get_trial_id()
+        spec = trial_spec(cfg, sampled, tid)
+        ray.train.torch.TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"trial": spec.to_dict(), "base_eval": base_packed, "strategy": cfg.resources.strategy,
+                               "threads": max(1, int(cfg.resources.cpus_per_worker))},
+            scaling_config=_scaling(cfg),
+            run_config=ray.train.RunConfig(
+                name=tid,  # deterministic per trial: a restarted trial re-attaches to its checkpoints
+                storage_path=storage,
+                callbacks=[TuneReportCallback()],
+                failure_config=ray.train.FailureConfig(max_failures=cfg.resources.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            ),
+        ).fit()
+
+    return trial
+
+
+def make_searcher(cfg: "C.SweepConfig"):
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    s = cfg.search
+    samplers = {
+        "tpe": lambda: optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials),
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=s.seed, population_size=s.population_size),
+        "random": lambda: optuna.samplers.RandomSampler(seed=s.seed),
+        "grid": lambda: optuna.samplers.GridSampler(cfg.search_space.grid(), seed=s.seed),
+    }
+    sampler = samplers[s.algorithm]()
+    storage = None
+    if "://" not in cfg.sweep_dir:  # the Optuna study lives beside the sweep, so it can be reopened
+        storage = optuna.storages.RDBStorage(f"sqlite:///{Path(cfg.sweep_dir).resolve() / 'optuna.db'}")
+    if cfg.objective.mode == "multi":
+        names = [n for n, _ in objective.VECTOR]
+        modes = [m for _, m in objective.VECTOR]
+        # Metric and mode go on the searcher only: set on TuneConfig they would silently turn
+        # the search single-objective (ray_stack.md, pitfall 4).
+        return OptunaSearch(metric=names, mode=modes, sampler=sampler, study_name=cfg.name, storage=storage)
+    return OptunaSearch(sampler=sampler, study_name=cfg.name, storage=storage)
+
+
+def make_scheduler(cfg: "C.SweepConfig"):
+    if cfg.scheduler.type != "asha":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    # time_attr is our own stage counter: training_iteration restarts at 1 after a restore.
+    return ASHAScheduler(time_attr="stage", max_t=len(cfg.stages), grace_period=cfg.scheduler.grace_period,
+                         reduction_factor=cfg.scheduler.reduction_factor)
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+
+
+def collect(results, cfg: "C.SweepConfig", base_metrics: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(results table: one row per trial, stage table: one row per trial and stage incl. stage 0)."""
+    rows, stages = [], []
+    heldout_names = [h.name for h in cfg.heldout]
+    S = len(cfg.stages)
+    for r in results:
+        cfgd = r.config or {}
+        last = r.metrics or {}
+        tid = last.get("trial_id") or (r.path.rstrip("/").split("_")[-2] if r.path else "?")
+        status, reason = tracking.trial_status(last, S)
+        if r.error is not None:
+            status, reason = "failed", f"{type(r.error).__name__}: {str(r.error).splitlines()[0][:300]}"
+        row = {"trial_id": tid, "status": status, "reason": reason, "recipe": cfgd.get("recipe"), "lr": cfgd.get("lr")}
+        row.update({f"param/{k}": v for k, v in cfgd.items() if k not in ("recipe", "lr")})
+        for k in (*objective.AGGREGATES, "trainable", "total_params", "trainable_share"):
+            row[k] = last.get(k, float("nan"))
+        row["stages_completed"] = int(last.get("stage", 0))
+        rows.append(row)
+        df = r.metrics_dataframe
+        if df is not None and len(df):
+            df = df.drop_duplicates("stage", keep="last")
+            base_row = {"trial_id": tid, "stage": 0, "skill": "", **base_metrics}
+            stages.append(base_row)
+            for _, m in df.iterrows():
+                stages.append({"trial_id": tid, "stage": int(m["stage"]), "skill": m.get("stage_skill", ""),
+                               **{k: m[k] for k in df.columns if k.startswith(("target/", "heldout/", "probe/"))}})
+    res = pd.DataFrame(rows)
+    st = pd.DataFrame(stages)
+    if len(st):
+        st["heldout_mean"] = st[[f"heldout/{h}/acc" for h in heldout_names if f"heldout/{h}/acc" in st]].mean(axis=1)
+    return res, st
+
+
+def summarize(cfg: "C.SweepConfig", res: pd.DataFrame, st: pd.DataFrame, parent_id: str | None) -> str:
+    """Write tables and plots, log them to the parent run, and return the text shown to the user."""
+    from lmm_ray import pareto
+
+    out = Path(cfg.sweep_dir)
+    res.to_csv(out / "results.csv", index=False)
+    st.to_csv(out / "stages.csv", index=False)
+    front = pareto.front(res) if (res["status"] == "finished").any() else res.iloc[0:0]
+    lines = [f"\n== sweep {cfg.name}: {len(res)} trials ({', '.join(f'{n} {s}' for s, n in res['status'].value_counts().items())})"]
+    lines.append(pareto.format_table(res.sort_values("objective", ascending=False), front_ids=set(front["trial_id"])))
+    lines.append(f"\n== Pareto-optimal trials (learning up, held-out change up, counting bias down), hypervolume vs base "
+                 f"{pareto.front_hypervolume(res):.3g}:")
+    lines.append(pareto.format_table(front) if len(front) else "(no finished trial)")
+    files = [out / "results.csv", out / "stages.csv"]
+    if len(front):
+        front.to_csv(out / "pareto.csv", index=False)
+        files.append(out / "pareto.csv")
+        files.append(pareto.plot_tradeoff(res, out / "tradeoff.png"))
+        labels = [f"{r.recipe} lr={r.lr:.1e}" for r in front.itertuples()]
+        files.append(pareto.plot_stages(st, list(front["trial_id"]), labels, out / "heldout_by_stage.png"))
+    if parent_id:
+        for f in files:
+            tracking.log_artifact(cfg.mlflow_uri, parent_id, f)
+        best = res.sort_values("objective", ascending=False).iloc[0]
+        c = tracking.client(cfg.mlflow_uri)
+        c.log_metric(parent_id, "best_objective", float(best["objective"]))
+        c.log_metric(parent_id, "front_size", len(front))
+        c.set_tag(parent_id, "best_trial", str(best["trial_id"]))
+    lines.append(f"\nresults: {out / 'results.csv'}\nMLflow:  experiment {cfg.experiment!r} at {cfg.mlflow_uri}"
+                 f"\n         open it with: lmm-ray ui {cfg.sweep_dir}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def run(cfg: "C.SweepConfig", *, resume: bool = False, address: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    import ray
+    import ray.tune
+
+    from lmm_ray import validate
+    from lmm_ray.train import base_evaluation, pack_base, unpack_base
+
+    validate.check(cfg, address=address)  # everything that can fail before Ray starts
+    sweep_dir = Path(cfg.sweep_dir)
+    tune_path = sweep_dir / TUNE_DIR
+    exists = tune_path.exists()
+    if resume and not exists:
+        raise SweepError(f"--resume: no sweep to resume at {sweep_dir} (run it without --resume first)")
+    if exists and not resume:
+        raise SweepError(f"sweep {cfg.name!r} already exists at {sweep_dir}: continue it with --resume, "
+                         f"or give a new name (name=... on the command line) — a fresh sweep never reuses a name")
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / "sweep.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
+
+    parent = tracking.parent_run(cfg.mlflow_uri, cfg.experiment, cfg.name, cfg.to_dict(), str(sweep_dir / "mlartifacts"))
+    base_file = sweep_dir / "base_eval.json"
+    t0 = time.time()
+    init_ray(cfg, address)
+    try:
+        if base_file.exists():
+            packed = json.loads(base_file.read_text())
+            packed["probe"] = bytes.fromhex(packed["probe"])
+        else:
+            print(f"[lmm_ray] evaluating the base model {cfg.model} once for the whole sweep ...", file=sys.stderr, flush=True)
+            r = cfg.resources
+            task = ray.remote(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker)(
+                lambda spec: pack_base(*base_evaluation(spec)))
+            packed = ray.get(task.remote(trial_spec(cfg, _first_point(cfg))))
+            base_file.write_text(json.dumps({**packed, "probe": packed["probe"].hex()}))
+        base_metrics, _ = unpack_base(packed)
+        trainable = ray.tune.with_resources(make_trial_fn(cfg, packed), TRIAL_DRIVER_RESOURCES)
+        logger = tracking.TrialLogger(cfg.mlflow_uri, cfg.experiment, cfg.name, parent, _flat_config(cfg), len(cfg.stages))
+        if resume:
+            tuner = ray.tune.Tuner.restore(str(tune_path), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            tc = dict(search_alg=make_searcher(cfg), scheduler=make_scheduler(cfg), num_samples=cfg.search.num_trials,
+                      max_concurrent_trials=cfg.search.max_concurrent)
+            if cfg.objective.mode == "scalar":
+                tc.update(metric="objective", mode="max")
+            tuner = ray.tune.Tuner(
+                trainable,
+                param_space=cfg.search_space.to_tune(),
+                tune_config=ray.tune.TuneConfig(**tc),
+                run_config=ray.tune.RunConfig(name=TUNE_DIR, storage_path=str(sweep_dir), callbacks=[logger],
+                                              failure_config=ray.tune.FailureConfig(max_failures=cfg.resources.max_failures),
+                                              verbose=1),
+            )
+        results = tuner.fit()
+        res, st = collect(results, cfg, base_metrics)
+        print(summarize(cfg, res, st, parent))
+        print(f"\nwall time {time.time() - t0:.0f} s", file=sys.stderr)
+        tracking.finish_parent(cfg.mlflow_uri, parent)
+        return res, st
+    finally:
+        ray.shutdown()
+
+
+def _first_point(cfg: "C.SweepConfig") -> dict:
+    """A valid sampled configuration (the base evaluation only needs the model and the skills)."""
+    sp = cfg.search_space
+    out = {}
+    for name, dom in sp.domains.items():
+        out[name] = dom.example() if hasattr(dom, "example") else dom
+    return out
+
+
+def _flat_config(cfg: "C.SweepConfig") -> dict:
+    return tracking._flat(cfg.to_dict(), "sweep.")

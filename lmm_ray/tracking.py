@@ -1,0 +1,191 @@
+"""MLflow: one parent run per sweep, one child run per trial nested under it.
+
+The Tune callback below runs in the sweep's driver process. It finds runs by tags
+(`lmm_ray.sweep`, `lmm_ray.trial_id`) rather than keeping a map in memory, so a resumed sweep
+re-attaches to its runs instead of duplicating them (the stock MLflowLoggerCallback does not).
+Metrics are logged with step = stage (Tune's `training_iteration` restarts at 1 after a restore).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from ray.tune import Callback
+
+PARENT = "parent"
+CHILD = "trial"
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(uri: str, name: str, artifact_root: str | None = None) -> str:
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    kw = {"artifact_location": Path(artifact_root).resolve().as_uri()} if artifact_root and "://" not in artifact_root else {}
+    return c.create_experiment(name, **kw)
+
+
+def check_reachable(uri: str) -> None:
+    """Fail fast (before Ray starts) when the tracking server cannot be reached."""
+    if uri.startswith(("http://", "https://")):
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).read()
+        except Exception as e:  # noqa: BLE001 - any failure means unreachable
+            raise ConnectionError(
+                f"MLflow tracking server {uri} is unreachable ({e.__class__.__name__}: {e}). Start it "
+                f"(`mlflow server --host 127.0.0.1 --port 5000`) or set tracking.mlflow_uri to a reachable server "
+                "or leave it empty for the sweep's own sqlite store."
+            ) from None
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        elif isinstance(v, (list, tuple)):
+            out[key] = ",".join(str(x) if not isinstance(x, dict) else str(x.get("name", x)) for x in v)
+        else:
+            out[key] = v
+    return out
+
+
+def _params(c, run_id: str, params: dict) -> None:
+    from mlflow.entities import Param
+
+    existing = c.get_run(run_id).data.params
+    # MLflow refuses to change a logged param: log only the new ones (a resume logs the same values).
+    new = [Param(k[:250], str(v)[:6000]) for k, v in params.items() if k[:250] not in existing]
+    for i in range(0, len(new), 100):
+        c.log_batch(run_id, params=new[i : i + 100])
+
+
+def parent_run(uri: str, experiment: str, sweep: str, config: dict, artifact_root: str | None = None) -> str:
+    """The sweep's parent run: found again by tag on --resume, created otherwise."""
+    c = client(uri)
+    exp = experiment_id(uri, experiment, artifact_root)
+    found = c.search_runs([exp], f"tags.`lmm_ray.sweep` = '{sweep}' and tags.`lmm_ray.role` = '{PARENT}'", max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        c.update_run(run_id, status="RUNNING")
+    else:
+        run_id = c.create_run(exp, run_name=sweep, tags={"lmm_ray.sweep": sweep, "lmm_ray.role": PARENT}).info.run_id
+    _params(c, run_id, _flat(config))
+    return run_id
+
+
+def finish_parent(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    client(uri).set_terminated(run_id, status)
+
+
+def log_artifact(uri: str, run_id: str, path: str | Path, folder: str | None = None) -> None:
+    client(uri).log_artifact(run_id, str(path), folder)
+
+
+def child_runs(uri: str, experiment: str, sweep: str) -> list:
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return c.search_runs([exp.experiment_id], f"tags.`lmm_ray.sweep` = '{sweep}' and tags.`lmm_ray.role` = '{CHILD}'", max_results=5000)
+
+
+def trial_status(last: dict, stages_total: int) -> tuple[str, str]:
+    """(status, reason) of a trial from its last reported result."""
+    if last.get("failed"):
+        return "failed", str(last.get("failure_reason", ""))
+    if int(last.get("stage", 0)) < stages_total:
+        return "stopped", "stopped early by the scheduler"
+    return "finished", ""
+
+
+class TrialLogger(Callback):
+    """Tune callback: a child run per trial with params, per-stage metrics, status and stage table."""
+
+    def __init__(self, uri: str, experiment: str, sweep: str, parent_id: str, base_params: dict, stages_total: int):
+        self.uri, self.experiment, self.sweep, self.parent_id = uri, experiment, sweep, parent_id
+        self.base_params, self.stages_total = base_params, stages_total
+        self._runs: dict[str, str] = {}
+        self._rows: dict[str, list[dict]] = {}
+
+    def _run(self, trial) -> str:
+        if trial.trial_id in self._runs:
+            return self._runs[trial.trial_id]
+        c = client(self.uri)
+        exp = experiment_id(self.uri, self.experiment)
+        q = f"tags.`lmm_ray.sweep` = '{self.sweep}' and tags.`lmm_ray.trial_id` = '{trial.trial_id}'"
+        found = c.search_runs([exp], q, max_results=1)
+        if found:
+            run_id = found[0].info.run_id
+            c.update_run(run_id, status="RUNNING")
+        else:
+            tags = {"mlflow.parentRunId": self.parent_id, "lmm_ray.sweep": self.sweep, "lmm_ray.role": CHILD,
+                    "lmm_ray.trial_id": trial.trial_id, "lmm_ray.status": "running"}
+            name = f"{trial.config.get('recipe', 'trial')}-{trial.trial_id}"
+            run_id = c.create_run(exp, run_name=name, tags=tags).info.run_id
+        self._runs[trial.trial_id] = run_id
+        return run_id
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        run_id = self._run(trial)
+        params = {**self.base_params, **{f"search.{k}": v for k, v in trial.config.items()}}
+        params.update({k: v for k, v in trial.config.items() if k in ("recipe", "lr")})
+        _params(client(self.uri), run_id, params)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        from mlflow.entities import Metric
+
+        run_id = self._run(trial)
+        step = int(result.get("stage", 0))
+        ts = int(result.get("timestamp", 0) * 1000)
+        metrics = [Metric(k.replace("@", "_"), float(v), ts, step) for k, v in result.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+                   and not k.startswith(("config/", "time_", "timestamp", "pid", "training_iteration", "iterations_since"))]
+        c = client(self.uri)
+        for i in range(0, len(metrics), 500):
+            c.log_batch(run_id, metrics=metrics[i : i + 500])
+        if step == 1 or "trainable" in result and not c.get_run(run_id).data.params.get("trainable"):
+            _params(c, run_id, {k: result[k] for k in result if k.startswith("roles/") or k in ("trainable", "total_params")})
+
+    def _end(self, trial, status: str, reason: str, mlflow_status: str):
+        c = client(self.uri)
+        run_id = self._run(trial)
+        c.set_tag(run_id, "lmm_ray.status", status)
+        if reason:
+            c.set_tag(run_id, "lmm_ray.reason", reason[:5000])
+        hist = self.stage_table(trial)
+        if hist is not None and len(hist):
+            buf = io.StringIO()
+            hist.to_csv(buf, index=False)
+            c.log_text(run_id, buf.getvalue(), "stage_table.csv")
+        c.set_terminated(run_id, mlflow_status)
+
+    def stage_table(self, trial):
+        path = os.path.join(trial.local_path or "", "progress.csv") if getattr(trial, "local_path", None) else None
+        if path and os.path.exists(path):
+            df = pd.read_csv(path)
+            keep = [c for c in df.columns if c == "stage" or c.startswith(("target/", "heldout/", "probe/")) or c in ("learning", "heldout_change", "counting_bias", "objective")]
+            return df[keep].drop_duplicates("stage", keep="last")
+        return None
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        status, reason = trial_status(trial.last_result or {}, self.stages_total)
+        self._end(trial, status, reason, "FAILED" if status == "failed" else "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        err = getattr(trial, "error_file", None) or ""
+        self._end(trial, "failed", f"trial raised an error (see {err})" if err else "trial raised an error", "FAILED")

@@ -1,0 +1,158 @@
+"""Shared fixtures: CPU/offline settings, a session cache of tiny models, an independent role oracle.
+
+Set before anything imports torch or huggingface_hub (both read them once, at load):
+- OMP_WAIT_POLICY=PASSIVE: the 2 cores are shared with other tenants' jobs; with OpenMP's default
+  spin-waiting, 2 torch threads made one tiny train step take 4.6 s instead of 0.05 s.
+- HF_HUB_OFFLINE=1: the hub is unreachable; without it a hub-id lookup retries for ~25 s.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import copy  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """`tiny(family)` -> the session's shared `models.Loaded` tiny model of that family (seed 0),
+    in eval mode. Shared by every test: never train or `recipes.apply` it in place; use `tiny_copy`.
+    """
+    from lmm_ray import models
+
+    cache: dict[str, object] = {}
+
+    def get(family: str):
+        if family not in cache:
+            cache[family] = models.build_tiny(family)
+            cache[family].model.eval()
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture
+def tiny_copy(tiny):
+    """`tiny_copy(family)` -> a Loaded whose model is a deep copy of the cached one (free to mutate)."""
+    from lmm_ray.models import Loaded
+
+    def get(family: str):
+        src = tiny(family)
+        return Loaded(copy.deepcopy(src.model), src.processor, src.family, src.ref)
+
+    return get
+
+
+# ---------------------------------------------------------------------------------------------
+# An oracle written with plain string logic, independent of families.py's regexes and of
+# recipes.resolve/classify: what each parameter *is*, and what each study recipe must train.
+
+_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+_LLM_LAYERS = "model.language_model.layers."
+
+
+class Oracle:
+    @staticmethod
+    def is_llm(name: str) -> bool:
+        return name.startswith("model.language_model.") or name.startswith("lm_head.")
+
+    @staticmethod
+    def is_vision(family: str, name: str) -> bool:
+        if family == "qwen2_5_vl":
+            return name.startswith("model.visual.") and not name.startswith("model.visual.merger.")
+        return name.startswith("model.vision_tower.")
+
+    @staticmethod
+    def is_projector(family: str, name: str) -> bool:
+        if family == "qwen2_5_vl":
+            return name.startswith("model.visual.merger.")
+        return name.startswith("model.multi_modal_projector.") or name == "model.image_newline"
+
+    @staticmethod
+    def layer(name: str) -> int | None:
+        """LLM decoder layer index, or None for anything outside `model.language_model.layers.N.`."""
+        if not name.startswith(_LLM_LAYERS):
+            return None
+        idx = name[len(_LLM_LAYERS):].split(".")[0]
+        return int(idx) if idx.isdigit() else None
+
+    @classmethod
+    def role(cls, family: str, name: str) -> str:
+        """The role a parameter must have (the study's table in DESIGN.md section 4); 'other' if none."""
+        if cls.is_projector(family, name):
+            return "projector"
+        if cls.is_vision(family, name):
+            return "vision"
+        if name == "lm_head.weight":
+            return "llm.head"
+        if name == "model.language_model.embed_tokens.weight":
+            return "llm.embed"
+        if name == "model.language_model.norm.weight":
+            return "llm.norm"
+        if cls.layer(name) is not None:
+            p = name.split(".")  # model language_model layers N <block> [<proj>] <weight|bias>
+            if len(p) == 7 and p[4] == "self_attn" and p[5] in _ATTN and p[6] in ("weight", "bias"):
+                return "llm.attn." + p[5][0]
+            if len(p) == 7 and p[4] == "mlp" and p[5] in _MLP and p[6] in ("weight", "bias"):
+                return "llm.mlp." + p[5][: -len("_proj")]
+            if len(p) == 6 and p[4] in ("input_layernorm", "post_attention_layernorm") and p[5] == "weight":
+                return "llm.norm"
+        return "other"
+
+    # What each of the study's recipes trains, as predicates over (family, parameter name).
+    # `lora` trains no base parameter: its adapters are checked through `lora_modules`.
+    @classmethod
+    def recipe_predicates(cls) -> dict:
+        def roles(*rs):
+            return lambda f, n: cls.role(f, n) in rs
+
+        attn = ("llm.attn.q", "llm.attn.k", "llm.attn.v", "llm.attn.o")
+        mlp = ("llm.mlp.gate", "llm.mlp.up", "llm.mlp.down")
+        return {
+            "sa_proj": roles(*attn),
+            "sa_qkv": roles(*attn[:3]),
+            "mlp": roles(*mlp),
+            "mlp_gate_up": roles(*mlp[:2]),
+            "mlp_down": roles(mlp[2]),
+            "llm": lambda f, n: cls.is_llm(n),
+            "vision": cls.is_vision,
+            "projector": cls.is_projector,
+            "full": lambda f, n: True,
+            "lora": lambda f, n: False,
+            "lwf": roles(*mlp),
+            "wise_ft": roles(*mlp),
+        }
+
+    LORA_ROLES = {"lora": ("llm.mlp.gate", "llm.mlp.up", "llm.mlp.down")}
+
+    @classmethod
+    def expected_names(cls, recipe: str, family: str, names) -> set[str]:
+        preds = cls.recipe_predicates()
+        if recipe not in preds:
+            raise AssertionError(f"tests/conftest.py Oracle has no expectation for recipe {recipe!r}: add one")
+        return {n for n in names if preds[recipe](family, n)}
+
+    @classmethod
+    def lora_modules(cls, recipe: str, family: str, named_params) -> dict[str, tuple[int, int]]:
+        """{module name: (out_features, in_features)} of the Linear modules a LoRA recipe adapts."""
+        roles = cls.LORA_ROLES.get(recipe, ())
+        return {
+            n[: -len(".weight")]: tuple(p.shape)
+            for n, p in named_params
+            if n.endswith(".weight") and p.dim() == 2 and cls.role(family, n) in roles
+        }
+
+
+@pytest.fixture(scope="session")
+def oracle() -> type[Oracle]:
+    return Oracle
