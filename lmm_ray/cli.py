@@ -10,6 +10,8 @@ import argparse
 import json
 import os
 import sys
+import time
+from pathlib import Path
 
 EXIT_USAGE = 2
 
@@ -105,6 +107,113 @@ def cmd_eval(a) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# base, validate, sweep, pareto, train, ui
+
+
+def cmd_base(a) -> int:
+    from lmm_ray import base
+
+    ref = f"base:{a.family}" + (f"@{a.preset}" if a.preset else "")
+    if a.action == "build":
+        t0 = time.time()
+        path = base.ensure(ref, force=a.force)
+        info = base.info(ref)
+        m = info["metrics"]
+        print(f"{ref}: {path} (built in {info['build_seconds']:.0f} s; this call took {time.time() - t0:.1f} s)")
+        print(f"  held-out mean {m['heldout/mean_acc']:.1f} pp, target mean {m['target/mean_acc']:.1f} pp")
+    else:
+        path = base.folder(*base.parse_ref(ref))
+        problem = base.verify(path)
+        print(f"{ref}: {path} ({'ready' if problem is None else problem})")
+    return 0
+
+
+def _load_cfg(a):
+    from lmm_ray import config
+
+    return config.load_sweep(a.sweep, a.overrides)
+
+
+def cmd_validate(a) -> int:
+    from lmm_ray import validate
+
+    cfg = _load_cfg(a)
+    print(validate.check(cfg, address=getattr(a, "address", None), offline=a.offline))
+    print("\nvalid" + (" (offline: model configuration only, no network)" if a.offline else ""))
+    return 0
+
+
+def cmd_sweep(a) -> int:
+    from lmm_ray import sweep, validate
+
+    cfg = _load_cfg(a)
+    print(validate.check(cfg, address=a.address), flush=True)  # fails fast, before Ray starts
+    sweep.run(cfg, resume=a.resume, address=a.address)
+    return 0
+
+
+def _sweep_dir(ref: str) -> "Path":
+    """A sweep file, a sweep name (under ./runs) or a sweep's storage folder."""
+    from pathlib import Path
+
+    p = Path(ref)
+    if p.is_file():
+        from lmm_ray import config
+
+        return Path(config.load_sweep(p).sweep_dir)
+    if p.is_dir():
+        return p
+    if (Path("runs") / ref).is_dir():
+        return Path("runs") / ref
+    raise UserError(f"no sweep at {ref!r}: give a sweep file, a storage folder, or the name of a sweep under ./runs")
+
+
+def cmd_pareto(a) -> int:
+    from lmm_ray import pareto
+
+    d = _sweep_dir(a.sweep)
+    res, st = pareto.load_results(d)
+    front = pareto.front(res)
+    if a.json:
+        print(json.dumps({"front": json.loads(front.to_json(orient="records")), "hypervolume": pareto.front_hypervolume(res),
+                          "trials": len(res)}, indent=1))
+    else:
+        print(f"# {d}: {len(res)} trials; * = Pareto-optimal (learning up, held-out change up, counting bias down)")
+        print(pareto.format_table(res.sort_values("objective", ascending=False), front_ids=set(front["trial_id"])))
+        print(f"\nhypervolume of the front vs the base: {pareto.front_hypervolume(res):.4g}")
+    if a.plot:
+        print(f"plot: {pareto.plot_tradeoff(res, a.plot)}", file=sys.stderr)
+    if a.export:
+        row = pareto.pick(res, a.pick)
+        pareto.export_recipe(row, a.export, sweep=str(d), how=a.pick)
+        print(f"exported trial {row['trial_id']} ({a.pick}: {row['recipe']}, lr={row['lr']:.3g}) to {a.export}", file=sys.stderr)
+    return 0
+
+
+def cmd_train(a) -> int:
+    from lmm_ray import final
+
+    final.train_choice(a.sweep, a.recipe, a.output, overrides=a.overrides)
+    return 0
+
+
+def cmd_ui(a) -> int:
+    import subprocess
+
+    from lmm_ray import config
+
+    if a.sweep and Path(a.sweep).is_file():
+        uri = config.load_sweep(a.sweep).mlflow_uri
+    else:
+        d = _sweep_dir(a.sweep) if a.sweep else None
+        if d is None or not (d / "mlflow.db").exists():
+            raise UserError("give a sweep file or the folder of a sweep that uses the default sqlite store")
+        uri = f"sqlite:///{(d / 'mlflow.db').resolve()}"
+    print(f"MLflow UI for {uri} at http://127.0.0.1:{a.port} (Ctrl-C to stop)", flush=True)
+    return subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(a.port)])
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,24 +240,60 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help='print one JSON object {"model", "n", "metrics"}')
     e.set_defaults(fn=cmd_eval)
 
-    for register in _EXTRA_VERBS:
-        register(sub)
+    b = sub.add_parser("base", help="build (or locate) the embedded base model")
+    b.add_argument("action", choices=["build", "path"])
+    b.add_argument("--family", default="qwen2_5_vl")
+    b.add_argument("--preset", help="quickstart | ci (default: the family's first preset)")
+    b.add_argument("--force", action="store_true", help="rebuild even when cached")
+    b.set_defaults(fn=cmd_base)
+
+    def sweep_args(q, resume: bool = False):
+        q.add_argument("sweep", help="sweep YAML file")
+        q.add_argument("overrides", nargs="*", help="key=value overrides, e.g. search.num_trials=4 stages.0.steps=50")
+        q.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+
+    v = sub.add_parser("validate", help="check a sweep file (and its model, recipes, data, resources) and print the plan")
+    sweep_args(v)
+    v.add_argument("--offline", action="store_true", help="model configuration only: no weights, no network")
+    v.set_defaults(fn=cmd_validate)
+
+    sw = sub.add_parser("sweep", help="run a sweep: Optuna on Ray Tune, trials on Ray Train, MLflow tracking")
+    sweep_args(sw)
+    sw.add_argument("--resume", action="store_true", help="continue an interrupted sweep (finished trials are kept)")
+    sw.set_defaults(fn=cmd_sweep)
+
+    pa = sub.add_parser("pareto", help="the Pareto-optimal trials of a sweep, with plot and recipe export")
+    pa.add_argument("sweep", help="sweep file, sweep name, or the sweep's storage folder")
+    pa.add_argument("--json", action="store_true")
+    pa.add_argument("--plot", help="write the learning vs held-out change scatter to this PNG")
+    pa.add_argument("--export", help="write the picked trial as a recipe YAML (usable as a search space)")
+    pa.add_argument("--pick", default="knee", choices=["knee", "max-learning", "min-forgetting"])
+    pa.set_defaults(fn=cmd_pareto)
+
+    t = sub.add_parser("train", help="train one chosen configuration through all stages and save the full model")
+    t.add_argument("sweep", help="sweep YAML file (model, stages, evaluation)")
+    t.add_argument("--recipe", required=True, help="exported recipe YAML (lmm-ray pareto --export)")
+    t.add_argument("--output", required=True, help="folder for the trained model (save_pretrained)")
+    t.add_argument("overrides", nargs="*")
+    t.set_defaults(fn=cmd_train)
+
+    u = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for a sweep")
+    u.add_argument("sweep", nargs="?", help="sweep file or storage folder")
+    u.add_argument("--port", type=int, default=5000)
+    u.set_defaults(fn=cmd_ui)
     return p
-
-
-# Other modules' verbs register here (keeps this file thin and each verb next to its code).
-_EXTRA_VERBS: list = []
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from lmm_ray.config import ConfigError
     from lmm_ray.recipes import RecipeError
     from lmm_ray.registry import UnknownName
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args) or 0)
-    except (UserError, RecipeError, UnknownName, FileNotFoundError) as e:
+    except (UserError, RecipeError, UnknownName, FileNotFoundError, ConfigError) as e:
         print(f"lmm-ray {args.cmd}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -117,16 +118,36 @@ def load_model(ref: str, *, dtype: torch.dtype | None = None) -> Loaded:
     return load_pretrained(ref, dtype=dtype)
 
 
-def model_config(ref: str):
-    """(family, config) of a reference without loading weights: what offline validation needs."""
-    if ref.startswith("tiny:") or ref.startswith("base:"):
-        fam = ref.split(":", 1)[1].split("@")[0]
-        loaded = build_tiny(fam)
-        return loaded.family, loaded.model.config
+def model_config(ref: str, *, offline: bool = False):
+    """(family, config) of a reference without loading weights: what validation needs.
+
+    `offline` reads only what is on this machine: a local folder, the tiny and base builders,
+    or a configuration shipped in lmm_ray/hub_configs/ for the study's hub models.
+    """
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(ref)
+    if ref.startswith("tiny:"):
+        loaded = build_tiny(ref.split(":", 1)[1])
+        return loaded.family, loaded.model.config
+    if ref.startswith("base:"):
+        from lmm_ray import base
+
+        family, preset = base.parse_ref(ref)
+        loaded = build_tiny(family, base.PRESETS[preset].size)
+        return loaded.family, loaded.model.config
+    shipped = HUB_CONFIGS / (ref.replace("/", "--") + ".json")
+    if offline and not os.path.isdir(ref):
+        if not shipped.is_file():
+            known = sorted(p.stem.replace("--", "/") for p in HUB_CONFIGS.glob("*.json"))
+            raise ValueError(f"no configuration of {ref!r} is available offline; shipped: {', '.join(known)} "
+                             "(or use a local folder that holds its config.json)")
+        config = AutoConfig.from_pretrained(str(shipped))
+    else:
+        config = AutoConfig.from_pretrained(ref)
     return family_of_config(config), config
+
+
+HUB_CONFIGS = Path(__file__).with_name("hub_configs")
 
 
 def meta_model(family: Family, config):

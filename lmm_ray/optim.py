@@ -77,7 +77,7 @@ def train_stage(
     grad_accum: int = 1,
     weight_decay: float = 0.0,
     warmup_ratio: float = 0.03,
-    max_grad_norm: float = 1.0,
+    max_grad_norm: float | None = 1.0,
     precision: str = "auto",
     rank: int = 0,
     world_size: int = 1,
@@ -118,7 +118,8 @@ def train_stage(
                 raise NonFiniteLoss(f"loss became {loss.item()} at stage {stage}, step {step + 1} (lr={lr:g})")
             (loss * len(idx[m : m + micro]) / per_rank).backward()
             total += loss.item() * len(idx[m : m + micro]) / per_rank
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)

@@ -144,7 +144,8 @@ class ProbeBase:
         p_rest = self.rest_logp.exp()
         # 0 * log 0 = 0: with V <= k (or all mass in the top-k) the rest bin is empty.
         rest = torch.where(p_rest > 0, p_rest * (self.rest_logp - q_rest), torch.zeros_like(p_rest))
-        return kl + rest
+        # Rounding can leave a few 1e-7 below zero when the two distributions agree.
+        return (kl + rest).clamp_min(0.0)
 
     def save(self, path: str | os.PathLike) -> None:
         torch.save({"number_mass": self.number_mass, "top_ids": self.top_ids, "top_logp": self.top_logp,

@@ -20,6 +20,7 @@ import pandas as pd
 
 from lmm_ray import config as C
 from lmm_ray import objective, tracking
+from lmm_ray.cli import UserError
 from lmm_ray.train import HeldoutSpec, StageSpec, TrialSpec
 
 # The trial function only waits on its TorchTrainer; a sliver of a CPU lets Ray schedule it
@@ -28,7 +29,7 @@ TRIAL_DRIVER_RESOURCES = {"CPU": 0.01}
 TUNE_DIR = "tune"
 
 
-class SweepError(RuntimeError):
+class SweepError(UserError):
     pass
 
 
@@ -255,7 +256,7 @@ def run(cfg: "C.SweepConfig", *, resume: bool = False, address: str | None = Non
             r = cfg.resources
             task = ray.remote(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker)(
                 lambda spec: pack_base(*base_evaluation(spec)))
-            packed = ray.get(task.remote(trial_spec(cfg, _first_point(cfg))))
+            packed = ray.get(task.remote(trial_spec(cfg, cfg.search_space.example())))
             base_file.write_text(json.dumps({**packed, "probe": packed["probe"].hex()}))
         base_metrics, _ = unpack_base(packed)
         trainable = ray.tune.with_resources(make_trial_fn(cfg, packed), TRIAL_DRIVER_RESOURCES)
@@ -283,15 +284,6 @@ def run(cfg: "C.SweepConfig", *, resume: bool = False, address: str | None = Non
         return res, st
     finally:
         ray.shutdown()
-
-
-def _first_point(cfg: "C.SweepConfig") -> dict:
-    """A valid sampled configuration (the base evaluation only needs the model and the skills)."""
-    sp = cfg.search_space
-    out = {}
-    for name, dom in sp.domains.items():
-        out[name] = dom.example() if hasattr(dom, "example") else dom
-    return out
 
 
 def _flat_config(cfg: "C.SweepConfig") -> dict:

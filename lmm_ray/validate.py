@@ -1,0 +1,130 @@
+"""Everything that can be checked before Ray starts, beyond the config file itself (config.py).
+
+`check` loads only the model's *configuration* (parameters on the meta device, no weights),
+resolves every recipe the search space can produce on it, checks data files, resources and the
+MLflow server, and returns the plan as text. `lmm-ray sweep` runs it first, so a bad sweep fails
+in seconds with exit code 2 instead of after the cluster has been booked.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+
+from lmm_ray import config as C
+from lmm_ray.config import ConfigError
+
+RECIPE_KEYS = ("recipe", "layers", "last_n", "lora_rank", "lora_roles", "lwf_weight", "wise_ft_alpha")
+MAX_COMBOS = 500
+
+
+def _recipe_combos(space: "C.SearchSpace") -> list[dict]:
+    """Every combination of the recipe-shaping values the search can sample (ranges: both ends)."""
+    dims = {}
+    for k in RECIPE_KEYS:
+        d = space.params.get(k)
+        if d is None:
+            continue
+        dims[k] = d.grid_values() if not d.continuous else [d.values[0], d.values[-1]]
+    combos = [dict(zip(dims, vals)) for vals in itertools.product(*dims.values())]
+    return combos[:MAX_COMBOS]
+
+
+def check_recipes(cfg: "C.SweepConfig", offline: bool = False) -> tuple[str, dict]:
+    """Resolve every recipe the search can produce on the model. Returns (family, {recipe: trainable})."""
+    from lmm_ray import models, recipes
+
+    try:
+        family, mconf = models.model_config(cfg.model, offline=offline)
+    except (OSError, ValueError) as e:
+        raise ConfigError("model", f"cannot read the configuration of {cfg.model!r}: {e}",
+                          "use a hub id this machine reaches, a local save_pretrained folder, tiny:<family> or base:<family>") from None
+    meta = models.meta_model(family, mconf)
+    seen: dict[str, int] = {}
+    for combo in _recipe_combos(cfg.search_space):
+        sampled = {**cfg.search_space.example(), **combo}
+        try:
+            spec = C.trial_recipe(cfg, sampled)
+            res = recipes.resolve(meta, family, spec)
+        except recipes.RecipeError as e:
+            shown = ", ".join(f"{k}={v}" for k, v in combo.items())
+            raise ConfigError("search_space", f"{shown} does not resolve on {cfg.model} ({family.name}): {e}",
+                              "remove that value from the search space or fix the recipe") from None
+        seen.setdefault(spec.name, res.trainable)
+    return family.name, seen
+
+
+def check_data(cfg: "C.SweepConfig") -> None:
+    sources = [(f"stages.{i}.data", s.data) for i, s in enumerate(cfg.stages)]
+    sources += [(f"stages.{i}.eval_data", s.eval_data) for i, s in enumerate(cfg.stages)]
+    sources += [(f"heldout.{i}.data", h.data) for i, h in enumerate(cfg.heldout)]
+    for where, src in sources:
+        if not src:
+            continue
+        for key in ("llava_json", "dataset_yaml", "image_folder"):
+            if key in src and src[key] and not Path(src[key]).exists():
+                raise ConfigError(f"{where}.{key}", f"{src[key]} does not exist", "fix the path (relative paths resolve against the sweep file)")
+        hf = src.get("hf")
+        if hf and (hf.startswith(("/", ".", "~")) and not Path(os.path.expanduser(hf)).exists()):
+            raise ConfigError(f"{where}.hf", f"local dataset {hf} does not exist", "fix the path, or give a hub id")
+
+
+def check_resources(cfg: "C.SweepConfig", address: str | None) -> None:
+    """Local runs only; on a cluster the check runs after connecting (sweep.check_cluster)."""
+    if address or os.environ.get("RAY_ADDRESS"):
+        return
+    r = cfg.resources
+    cpus = os.cpu_count() or 1
+    if r.num_workers * r.cpus_per_worker > cpus:
+        raise ConfigError("resources", f"a trial needs {r.num_workers} workers x {r.cpus_per_worker} CPUs, this machine has {cpus}",
+                          f"lower resources.num_workers or resources.cpus_per_worker (at most {cpus} CPUs per trial), or run on a cluster")
+    if r.gpus_per_worker:
+        import torch
+
+        have = torch.cuda.device_count()
+        need = r.num_workers * r.gpus_per_worker
+        if need > have:
+            raise ConfigError("resources.gpus_per_worker", f"a trial needs {need:g} GPUs, this machine has {have}",
+                              "set resources.gpus_per_worker: 0 to train on CPU, or run on a cluster with GPUs")
+
+
+def check_tracking(cfg: "C.SweepConfig") -> None:
+    from lmm_ray import tracking
+
+    try:
+        tracking.check_reachable(cfg.mlflow_uri)
+    except ConnectionError as e:
+        raise ConfigError("tracking.mlflow_uri", str(e), "start the server or fix tracking.mlflow_uri") from None
+
+
+def check(cfg: "C.SweepConfig", *, address: str | None = None, offline: bool = False) -> str:
+    """Raise ConfigError on the first problem; return the plan."""
+    check_data(cfg)
+    check_resources(cfg, address)
+    family, trainable = check_recipes(cfg, offline=offline)
+    if not offline:
+        check_tracking(cfg)
+    return plan(cfg, family, trainable)
+
+
+def plan(cfg: "C.SweepConfig", family: str, trainable: dict) -> str:
+    sp = cfg.search_space
+    dims = ", ".join(f"{k}={d.to_yaml()}" for k, d in sp.params.items())
+    r = cfg.resources
+    lines = [
+        f"sweep      {cfg.name}",
+        f"model      {cfg.model} ({family})",
+        f"stages     {' -> '.join(f'{s.name} ({s.steps} steps)' if s.steps else f'{s.name} ({s.epochs} epochs)' for s in cfg.stages)}",
+        f"held-out   {', '.join(cfg.heldout_names)}",
+        f"search     {cfg.search.algorithm}, {cfg.search.num_trials} trials, {cfg.search.max_concurrent} at a time, seed {cfg.search.seed}",
+        f"space      {dims}",
+        f"recipes    " + ", ".join(f"{k} ({v:,} trainable)" for k, v in trainable.items()),
+        f"objective  {cfg.objective.mode}" + (f": learning + {cfg.objective.lam:g}*min(0, held-out change) - {cfg.objective.mu:g}*counting bias"
+                                               if cfg.objective.mode == "scalar" else ": (learning, held-out change, counting bias)"),
+        f"scheduler  {cfg.scheduler.type}",
+        f"resources  {r.num_workers} worker(s) x {r.cpus_per_worker:g} CPU" + (f" + {r.gpus_per_worker:g} GPU" if r.gpus_per_worker else "") + f" per trial ({r.strategy})",
+        f"storage    {cfg.sweep_dir}",
+        f"mlflow     {cfg.mlflow_uri} (experiment {cfg.experiment!r})",
+    ]
+    return "\n".join(lines)
