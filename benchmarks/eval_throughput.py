@@ -1,6 +1,6 @@
 """Evaluation throughput: samples/second of `evaluate` at batch 64 vs batch 1.
 
-    python benchmarks/eval_throughput.py [--model tiny:qwen2_5_vl] [--n 64] [--repeats 3]
+    python benchmarks/eval_throughput.py [--model tiny:qwen2_5_vl] [--n 64] [--repeats 3] [--threads T]
 
 Every held-out skill, n samples each, the same encoded samples for both batch sizes (encoding
 is done once, outside the timing, as in a sweep). Each batch size gets one warm-up run, then
@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import statistics
-import time
 
-import torch
+# Before torch loads: with OpenMP's default spin-waiting, torch threads on cores shared with
+# other tenants' jobs run many times slower (tests/conftest.py sets the same).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from lmm_ray import evaluate as ev
-from lmm_ray import models, skills
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+from lmm_ray import evaluate as ev  # noqa: E402
+from lmm_ray import models, skills  # noqa: E402
 
 
 def timed(loaded, sets, batch_size: int, repeats: int) -> tuple[float, list[float]]:
@@ -38,7 +43,11 @@ def main() -> None:
     p.add_argument("--n", type=int, default=64, help="samples per held-out skill")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch-sizes", default="64,1")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's own, one per core); 1 is far steadier on shared cores")
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
 
     loaded = models.load_model(a.model)
     names = skills.heldout_skills()
@@ -46,6 +55,7 @@ def main() -> None:
     total = sum(len(s) for s in sets.values())
     print(f"# {a.model}: {len(names)} held-out skills x {a.n} = {total} samples; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
           f"{platform.processor() or platform.machine()}")
     rows = []
     for bs in (int(b) for b in a.batch_sizes.split(",")):

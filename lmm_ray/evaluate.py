@@ -261,6 +261,13 @@ class EvalReport:
         out.update(self.probe)
         return out
 
+    def set_probe_base(self, base: probe.ProbeBase | None) -> None:
+        """Recompute the probe against `base` from the kept logits (no model pass). For the base
+        model's own report: `r.set_probe_base(ProbeBase.from_report(r))` gives stage 0 the
+        same metric names as later stages, with counting_bias and kl_base 0."""
+        logits, is_num, gold, ids = self.heldout_first_logits()
+        self.probe = probe.probe_stats(logits, is_num, gold, self.number_ids, base, prompt_ids=ids)
+
     def heldout_first_logits(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
         """(first-step logits [P, V], is_number [P], gold first token [P], prompt ids) of all held-out skills."""
         held = [r for r in self.results.values() if r.kind == "heldout"]
@@ -360,8 +367,7 @@ def evaluate(model, processor, eval_sets: Mapping[str, EvalSet], *, batch_size: 
     number_ids = probe.number_token_ids(tok)
     report = EvalReport(results, {}, number_ids)
     if any(r.kind == "heldout" for r in results.values()):
-        logits, is_num, gold, ids = report.heldout_first_logits()
-        report.probe = probe.probe_stats(logits, is_num, gold, number_ids, probe_base, prompt_ids=ids)
+        report.set_probe_base(probe_base)
     for k, v in report.metrics().items():
         if not math.isfinite(v):
             raise ValueError(f"evaluate: metric {k} is not finite ({v})")

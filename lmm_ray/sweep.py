@@ -17,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
+from ray.tune import CLIReporter
 
 from lmm_ray import config as C
 from lmm_ray import objective, tracking
@@ -56,6 +57,15 @@ def trial_spec(cfg: "C.SweepConfig", sampled: dict, trial_id: str = "local") -> 
 # Ray
 
 
+def worker_env() -> dict:
+    """Environment every Ray worker needs (set before torch loads in the worker)."""
+    env = {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
+    for k in ("LMM_RAY_CACHE", "HF_HOME", "HF_HUB_OFFLINE"):
+        if k in os.environ:
+            env[k] = os.environ[k]
+    return env
+
+
 def init_ray(cfg: "C.SweepConfig", address: str | None = None) -> None:
     import ray
 
@@ -63,11 +73,11 @@ def init_ray(cfg: "C.SweepConfig", address: str | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:  # an existing cluster (or inside `ray job submit`): connect, never size it
-        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}})
+        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": worker_env()})
         return
     ray.init(
         num_cpus=os.cpu_count(),
-        runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}},
+        runtime_env={"env_vars": worker_env()},
         object_store_memory=256 * 2**20,  # the default (30% of RAM in /dev/shm) is far more than trials need
         include_dashboard=True,  # Train V2 cleans up stopped trials' workers through the State API
         log_to_driver=True,
@@ -139,6 +149,41 @@ def make_searcher(cfg: "C.SweepConfig"):
         # the search single-objective (ray_stack.md, pitfall 4).
         return OptunaSearch(metric=names, mode=modes, sampler=sampler, study_name=cfg.name, storage=storage)
     return OptunaSearch(sampler=sampler, study_name=cfg.name, storage=storage)
+
+
+# The live progress table: one row per trial with only these columns (every reported metric,
+# ~60 per stage, would otherwise scroll by). Ray 2.60's default "new output engine" ignores
+# RunConfig(progress_reporter=...) and prints the whole result dict of every finished trial, so
+# run() switches to the documented legacy engine (RAY_AIR_NEW_OUTPUT=0) for its CLIReporter.
+PROGRESS_PARAMS = ("recipe", "lr")
+PROGRESS_METRICS = ("stage", "learning", "heldout_change", "counting_bias", "objective")
+
+
+class StageReporter(CLIReporter):
+    """A CLIReporter that prints its table whenever a trial starts, ends or reports a stage, and
+    otherwise every `max_report_frequency` seconds (a heartbeat), instead of every 5 s."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self._seen = None
+
+    def should_report(self, trials, done: bool = False) -> bool:
+        seen = sorted((t.trial_id, t.status, (t.last_result or {}).get("stage")) for t in trials)
+        if done or seen != self._seen:
+            self._seen = seen
+            self._last_report_time = time.time()
+            return True
+        return super().should_report(trials, done)
+
+
+def make_reporter(cfg: "C.SweepConfig") -> StageReporter:
+    # No metric/mode here: Tune hands the reporter TuneConfig's (scalar mode: the objective, so the
+    # status shows the best trial so far) and refuses a reporter that has its own.
+    return StageReporter(
+        parameter_columns=list(PROGRESS_PARAMS), metric_columns=list(PROGRESS_METRICS),
+        total_samples=cfg.search.num_trials, max_report_frequency=120, print_intermediate_tables=True,
+        max_column_length=24,
+    )
 
 
 def make_scheduler(cfg: "C.SweepConfig"):
@@ -274,9 +319,19 @@ def run(cfg: "C.SweepConfig", *, resume: bool = False, address: str | None = Non
                 tune_config=ray.tune.TuneConfig(**tc),
                 run_config=ray.tune.RunConfig(name=TUNE_DIR, storage_path=str(sweep_dir), callbacks=[logger],
                                               failure_config=ray.tune.FailureConfig(max_failures=cfg.resources.max_failures),
-                                              verbose=1),
+                                              progress_reporter=make_reporter(cfg), verbose=1),
             )
-        results = tuner.fit()
+        # The legacy output engine honours progress_reporter (the new one ignores it); verbose=1
+        # there means "status tables only", no per-result dumps. Read when fit() starts.
+        prev_output = os.environ.get("RAY_AIR_NEW_OUTPUT")
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+        try:
+            results = tuner.fit()
+        finally:
+            if prev_output is None:
+                os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+            else:
+                os.environ["RAY_AIR_NEW_OUTPUT"] = prev_output
         res, st = collect(results, cfg, base_metrics)
         print(summarize(cfg, res, st, parent))
         print(f"\nwall time {time.time() - t0:.0f} s", file=sys.stderr)

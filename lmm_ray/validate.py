@@ -77,7 +77,7 @@ def check_resources(cfg: "C.SweepConfig", address: str | None) -> None:
     r = cfg.resources
     cpus = os.cpu_count() or 1
     if r.num_workers * r.cpus_per_worker > cpus:
-        raise ConfigError("resources", f"a trial needs {r.num_workers} workers x {r.cpus_per_worker} CPUs, this machine has {cpus}",
+        raise ConfigError("resources.num_workers", f"a trial needs {r.num_workers} workers x {r.cpus_per_worker} CPUs, this machine has {cpus}",
                           f"lower resources.num_workers or resources.cpus_per_worker (at most {cpus} CPUs per trial), or run on a cluster")
     if r.gpus_per_worker:
         import torch

@@ -156,3 +156,64 @@ class Oracle:
 @pytest.fixture(scope="session")
 def oracle() -> type[Oracle]:
     return Oracle
+
+
+# ---------------------------------------------------------------------------------------------
+# Trials on the tiny pre-trained base (train tests, sweep tests)
+
+CI_BASE = "base:qwen2_5_vl@ci"
+SMALL_TARGETS = ("count", "clock", "species", "texture", "read_word")
+
+
+@pytest.fixture(scope="session")
+def ci_base():
+    """Path of the cached `base:qwen2_5_vl@ci` folder (built once, ~1.5-3 min, if not cached)."""
+    from lmm_ray import base
+
+    return base.ensure(CI_BASE, quiet=True)
+
+
+@pytest.fixture
+def small_spec(ci_base):
+    """`small_spec(recipe="sa_proj", lr=1e-3, stages=2, steps=4, heldout=("color", "shape"), train=..., eval=...,
+    **TrialSpec fields)` -> a TrialSpec on the ci base that runs in seconds: `stages` target skills from
+    SMALL_TARGETS, `steps` steps each, batch 8 from a pool of 64, 8 eval samples per skill.
+    `train` / `eval` dicts are merged over those small defaults; other keywords set TrialSpec fields."""
+    from lmm_ray import recipes
+    from lmm_ray.train import HeldoutSpec, StageSpec, TrialSpec
+
+    def make(recipe: str = "sa_proj", lr: float = 1e-3, stages: int = 2, steps: int = 4,
+             heldout=("color", "shape"), train: dict | None = None, eval: dict | None = None, **fields) -> TrialSpec:
+        if not 1 <= stages <= len(SMALL_TARGETS):
+            raise ValueError(f"small_spec: stages must be 1..{len(SMALL_TARGETS)}")
+        return TrialSpec(
+            model=CI_BASE,
+            recipe_name=recipe,
+            recipe=recipes.get_recipe(recipe).to_dict(),
+            lr=lr,
+            stages=[StageSpec(t, skill=t, steps=steps) for t in SMALL_TARGETS[:stages]],
+            heldout=[HeldoutSpec(h, skill=h) for h in heldout],
+            train={"batch_size": 8, "n_train": 64, **(train or {})},
+            eval={"n_per_skill": 8, "batch_size": 16, **(eval or {})},
+            **fields,
+        )
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A small local Ray for the whole session (2 CPUs, dashboard on: Train V2's cleanup of stopped
+    trials needs the State API, ray_stack.md Q7-1). Reuses an already running Ray; shut down at the end."""
+    import ray
+
+    from lmm_ray.sweep import worker_env
+
+    started = False
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=True, log_to_driver=True,
+                 runtime_env={"env_vars": worker_env()}, logging_level="WARNING")
+        started = True
+    yield ray
+    if started and ray.is_initialized():
+        ray.shutdown()

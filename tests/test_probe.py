@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 
 import pytest
@@ -101,6 +102,11 @@ def test_counting_bias_and_kl_rise_when_head_favours_numbers(tiny, evalsets, bas
     same = ev.evaluate(tiny.model, tiny.processor, evalsets, batch_size=16, probe_base=base).metrics()
     assert same["probe/kl_base"] == pytest.approx(0.0, abs=1e-6)
     assert same["probe/counting_bias"] == pytest.approx(0.0, abs=1e-6)
+    # stage 0: the base report against its own base, without another pass over the data
+    stage0 = copy.copy(base_report)
+    stage0.set_probe_base(base)
+    assert set(stage0.metrics()) == set(same)
+    assert stage0.metrics()["probe/kl_base"] == pytest.approx(0.0, abs=1e-6)
 
     old = digit_biased(tiny.model, hand_number_ids(tiny.processor.tokenizer))
     try:
