@@ -290,7 +290,14 @@ def main(argv: list[str] | None = None) -> int:
     from lmm_ray.recipes import RecipeError
     from lmm_ray.registry import UnknownName
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may follow options (`train FILE --recipe R k=v`): argparse leaves them over.
+    if extra:
+        if hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.fn(args) or 0)
     except (UserError, RecipeError, UnknownName, FileNotFoundError, ConfigError) as e:

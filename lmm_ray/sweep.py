@@ -66,6 +66,14 @@ def worker_env() -> dict:
     return env
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def init_ray(cfg: "C.SweepConfig", address: str | None = None) -> None:
     import ray
 
@@ -75,11 +83,20 @@ def init_ray(cfg: "C.SweepConfig", address: str | None = None) -> None:
     if address:  # an existing cluster (or inside `ray job submit`): connect, never size it
         ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": worker_env()})
         return
+    # Train V2 frees a stopped trial's workers through the State API (the dashboard), from inside a
+    # worker that finds "its" cluster by scanning the machine: with a second local Ray on the same
+    # host (another user, a parallel test run) that fails with "Found multiple active Ray instances"
+    # and a stopped trial's CPUs are never given back. Pinning the dashboard port and pointing the
+    # workers' State API at it (RAY_API_SERVER_ADDRESS) keeps each sweep on its own cluster.
+    port = _free_port()
+    env = {**worker_env(), "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
     ray.init(
         num_cpus=os.cpu_count(),
-        runtime_env={"env_vars": worker_env()},
+        runtime_env={"env_vars": env},
         object_store_memory=256 * 2**20,  # the default (30% of RAM in /dev/shm) is far more than trials need
         include_dashboard=True,  # Train V2 cleans up stopped trials' workers through the State API
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
         log_to_driver=True,
         configure_logging=True,
         logging_level="WARNING",
@@ -96,6 +113,23 @@ def _scaling(cfg: "C.SweepConfig"):
     return ray.train.ScalingConfig(num_workers=r.num_workers, use_gpu=r.gpus_per_worker > 0, resources_per_worker=per_worker)
 
 
+def quiet_train_loop(config: dict) -> None:
+    """train.train_loop_per_worker without Ray Train's INFO line per report, which repeats every
+    metric of the stage (~60) on the driver's console. That logger is named after its file
+    (`logging.getLogger(__file__)` in Ray 2.60), so RunConfig's LoggingConfig does not reach it."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except Exception:  # noqa: BLE001 - private module; only the console noise depends on it
+        pass
+    from lmm_ray.train import train_loop_per_worker
+
+    train_loop_per_worker(config)
+
+
 def make_trial_fn(cfg: "C.SweepConfig", base_packed: dict):
     """The Tune trial: builds the trial's TorchTrainer and runs it to the end."""
     import ray.train
@@ -103,15 +137,13 @@ def make_trial_fn(cfg: "C.SweepConfig", base_packed: dict):
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from lmm_ray.train import train_loop_per_worker
-
     storage = str(Path(cfg.sweep_dir) / "train") if "://" not in cfg.sweep_dir else cfg.sweep_dir.rstrip("/") + "/train"
 
     def trial(sampled: dict) -> None:
         tid = ray.tune.get_context().get_trial_id()
         spec = trial_spec(cfg, sampled, tid)
         ray.train.torch.TorchTrainer(
-            train_loop_per_worker,
+            quiet_train_loop,
             train_loop_config={"trial": spec.to_dict(), "base_eval": base_packed, "strategy": cfg.resources.strategy,
                                "threads": max(1, int(cfg.resources.cpus_per_worker))},
             scaling_config=_scaling(cfg),
@@ -121,6 +153,9 @@ def make_trial_fn(cfg: "C.SweepConfig", base_packed: dict):
                 callbacks=[TuneReportCallback()],
                 failure_config=ray.train.FailureConfig(max_failures=cfg.resources.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+                # Ray Train's INFO lines (resource requests, "Checkpoint successfully created" per
+                # stage) are noise next to the progress table; warnings and errors still show.
+                logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             ),
         ).fit()
 
@@ -169,6 +204,8 @@ class StageReporter(CLIReporter):
 
     def should_report(self, trials, done: bool = False) -> bool:
         seen = sorted((t.trial_id, t.status, (t.last_result or {}).get("stage")) for t in trials)
+        if done and seen == self._seen and len(trials) <= self._max_progress_rows:
+            return False  # the final table would repeat the last one row for row
         if done or seen != self._seen:
             self._seen = seen
             self._last_report_time = time.time()

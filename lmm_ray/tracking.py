@@ -121,6 +121,7 @@ class TrialLogger(Callback):
         self.base_params, self.stages_total = base_params, stages_total
         self._runs: dict[str, str] = {}
         self._rows: dict[str, list[dict]] = {}
+        self._steps: dict[str, dict[int, float | None]] = {}  # run id -> {stage: objective logged}
 
     def _run(self, trial) -> str:
         if trial.trial_id in self._runs:
@@ -146,11 +147,31 @@ class TrialLogger(Callback):
         params.update({k: v for k, v in trial.config.items() if k in ("recipe", "lr")})
         _params(client(self.uri), run_id, params)
 
+    def _logged_steps(self, run_id: str) -> dict[int, float | None]:
+        """{stage: objective} already in the run (read from MLflow once: a resumed sweep's runs have history)."""
+        if run_id not in self._steps:
+            c = client(self.uri)
+            steps: dict[int, float | None] = {m.step: m.value for m in c.get_metric_history(run_id, "objective")}
+            for m in c.get_metric_history(run_id, "stage"):
+                steps.setdefault(m.step, None)
+            self._steps[run_id] = steps
+        return self._steps[run_id]
+
     def on_trial_result(self, iteration, trials, trial, result, **info):
         from mlflow.entities import Metric
 
         run_id = self._run(trial)
         step = int(result.get("stage", 0))
+        # A trial restarted after its last checkpoint (a resumed sweep, a retried trial) reports that
+        # stage again with the same values: log it once, so the history keeps one point per stage.
+        # A stage that was really trained again (its checkpoint was lost) has new values and is logged.
+        logged = self._logged_steps(run_id)
+        obj = result.get("objective")
+        obj = float(obj) if isinstance(obj, (int, float)) and math.isfinite(float(obj)) else None
+        if step in logged and (logged[step] == obj or (obj is not None and logged[step] is not None
+                                                       and math.isclose(logged[step], obj, rel_tol=1e-9, abs_tol=1e-12))):
+            return
+        logged[step] = obj
         ts = int(result.get("timestamp", 0) * 1000)
         metrics = [Metric(k.replace("@", "_"), float(v), ts, step) for k, v in result.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))

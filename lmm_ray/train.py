@@ -134,7 +134,9 @@ def base_evaluation(spec: TrialSpec, loaded=None, eval_sets=None):
         eval_sets = evaluate.build_eval_sets(loaded.processor, samples, kinds)
     ev = {**EVAL_DEFAULTS, **spec.eval}
     report = evaluate.evaluate(loaded.model, loaded.processor, eval_sets, batch_size=ev["batch_size"], max_new_tokens=ev["max_new_tokens"])
-    return report.metrics(), probe.ProbeBase.from_report(report)
+    probe_base = probe.ProbeBase.from_report(report)
+    report.set_probe_base(probe_base)  # stage 0 gets the same keys as later stages (KL and bias 0)
+    return report.metrics(), probe_base
 
 
 def pack_base(metrics: dict, probe_base) -> dict:

@@ -173,7 +173,7 @@ def ci_base():
     return base.ensure(CI_BASE, quiet=True)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def small_spec(ci_base):
     """`small_spec(recipe="sa_proj", lr=1e-3, stages=2, steps=4, heldout=("color", "shape"), train=..., eval=...,
     **TrialSpec fields)` -> a TrialSpec on the ci base that runs in seconds: `stages` target skills from

@@ -1,0 +1,230 @@
+"""Checks that need the Ray cluster a sweep runs on: run right after connecting, before any trial.
+
+    init_ray(cfg, address)
+    cluster.check_resources(cfg)          # one trial fits on the cluster (or on what it can scale to)
+    cluster.check_storage(cfg.sweep_dir)  # every node sees the sweep folder (multi-node, local path)
+
+Both raise `ClusterError` (a ConfigError: the CLI prints it as `field: problem` + `fix:` and exits
+with code 2), so a sweep that cannot work fails in seconds instead of hanging on a placement group
+or failing at its first checkpoint (Ray Train writes checkpoints from every node into
+`storage_path` and does not sync local folders between nodes; shared/research/ray_stack.md Q5,
+pitfall 10).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import socket
+import uuid
+from pathlib import Path
+
+from lmm_ray.config import ConfigError
+
+MARKER_PREFIX = ".lmm_ray_storage_check-"
+PROBE_TIMEOUT_S = 120.0
+_URI = re.compile(r"[a-z][a-z0-9+.-]*://")
+_EPS = 1e-6
+
+
+class ClusterError(ConfigError):
+    """The cluster cannot run this sweep as configured; `field` names the sweep key to change."""
+
+
+def is_uri(path: str) -> bool:
+    """s3://, gs://, ... (Ray reads and writes these through pyarrow from every node); file:// is local."""
+    return bool(_URI.match(str(path))) and not str(path).startswith("file://")
+
+
+def alive_nodes() -> list[dict]:
+    """`ray.nodes()` entries of the nodes that are alive (needs a connected driver)."""
+    import ray
+
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Resources
+
+
+def worker_bundle(cfg) -> dict[str, float]:
+    """The resources of one Ray Train worker of a trial (what sweep._scaling asks for)."""
+    r = cfg.resources
+    bundle = {"CPU": float(r.cpus_per_worker)}
+    if r.gpus_per_worker:
+        bundle["GPU"] = float(r.gpus_per_worker)
+    return bundle
+
+
+def _fits(have: dict, bundle: dict) -> int:
+    """How many copies of `bundle` fit into `have` (0 if one does not)."""
+    n = math.inf
+    for k, need in bundle.items():
+        if need > 0:
+            n = min(n, math.floor(float(have.get(k, 0.0)) / need + _EPS))
+    return 0 if n is math.inf else int(n)
+
+
+def _driver_cpu() -> float:
+    try:
+        from lmm_ray.sweep import TRIAL_DRIVER_RESOURCES
+
+        return float(TRIAL_DRIVER_RESOURCES.get("CPU", 0.0))
+    except Exception:  # noqa: BLE001 - sweep.py is optional here; the sliver is 0.01 CPU
+        return 0.01
+
+
+def worker_slots(nodes: list[dict], bundle: dict, driver_cpu: float = 0.0) -> int:
+    """How many workers of `bundle` the nodes (each a resource dict) can hold at once, with the
+    trial's driver (`driver_cpu`) placed on the node where it costs the fewest workers."""
+    if not nodes:
+        return 0
+    per_node = [_fits(n, bundle) for n in nodes]
+    total = sum(per_node)
+    if driver_cpu <= 0:
+        return total
+    best = -1
+    for i, n in enumerate(nodes):
+        if float(n.get("CPU", 0.0)) + _EPS < driver_cpu:
+            continue
+        reduced = {**n, "CPU": float(n.get("CPU", 0.0)) - driver_cpu}
+        best = max(best, total - per_node[i] + _fits(reduced, bundle))
+    return max(best, 0)
+
+
+def _autoscaler_groups() -> list[tuple[dict, int]] | None:
+    """[(node resources, max count)] from the autoscaler's cluster config (ray up with an
+    autoscaler, KubeRay with autoscaling); None when the cluster does not autoscale. The same
+    private source Train V2 checks before it waits for workers (worker_group.py)."""
+    try:
+        import ray._private.state as state
+
+        config = state.state.get_cluster_config()
+    except Exception:  # noqa: BLE001 - a private API; without it, judge by the nodes alone
+        return None
+    if config is None or not config.node_group_configs:
+        return None
+    groups = []
+    for g in config.node_group_configs:
+        count = int(g.max_count)
+        groups.append(({k: float(v) for k, v in g.resources.items()}, 10**6 if count < 0 else count))
+    return groups
+
+
+def _describe(nodes: list[dict]) -> str:
+    parts = []
+    for n in nodes:
+        res = n.get("Resources", {})
+        shown = ", ".join(f"{k} {res[k]:g}" for k in ("CPU", "GPU") if res.get(k))
+        parts.append(f"{n.get('NodeManagerAddress', '?')} ({shown or 'no CPU/GPU'})")
+    return "; ".join(parts)
+
+
+def check_resources(cfg) -> None:
+    """Raise ClusterError unless the connected cluster can host one trial: `num_workers` workers of
+    (cpus_per_worker CPU + gpus_per_worker GPU), each on a single node, plus the trial driver's
+    sliver of a CPU. Counts what the cluster has now, or, if it autoscales, what it can grow to."""
+    r = cfg.resources
+    bundle = worker_bundle(cfg)
+    driver = _driver_cpu()
+    nodes = alive_nodes()
+    have = worker_slots([n.get("Resources", {}) for n in nodes], bundle, driver)
+    if have >= r.num_workers:
+        return
+    groups = _autoscaler_groups()
+    if groups is not None:
+        expanded = [res for res, count in groups for _ in range(min(count, r.num_workers + 1))]
+        if worker_slots(expanded, bundle, driver) >= r.num_workers:
+            return  # the autoscaler adds the nodes when the trial asks for them
+    need = " + ".join(f"{v:g} {k}" for k, v in bundle.items())
+    biggest = max((_fits(n.get("Resources", {}), bundle) for n in nodes), default=0)
+    why = (f"no node has {need} for a single worker" if biggest == 0 else f"at most {have} such workers fit")
+    raise ClusterError(
+        "resources.num_workers",
+        f"a trial needs {r.num_workers} workers x ({need}) plus {driver:g} CPU for its driver, but on this cluster "
+        f"{why}{' (even at its autoscaling limits)' if groups is not None else ''}. Nodes: {_describe(nodes) or 'none'}",
+        "lower resources.num_workers, resources.cpus_per_worker or resources.gpus_per_worker, or give the cluster "
+        "more or larger nodes (ray up: available_node_types.*.max_workers; KubeRay: workerGroupSpecs replicas)",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage
+
+
+def _sees_marker(marker: str, token: str) -> tuple[bool, str, str]:
+    """(ok, detail, host): runs on one node and reads the marker file the driver wrote."""
+    host = socket.gethostname()
+    try:
+        text = Path(marker).read_text()
+    except FileNotFoundError:
+        return False, "the file does not exist on this node", host
+    except OSError as e:
+        return False, f"cannot read it: {e}", host
+    if text.strip() != token:
+        return False, "a different file is at that path on this node", host
+    return True, "ok", host
+
+
+def _probe_nodes(marker: str, token: str, node_ids: list[str], timeout_s: float) -> dict[str, tuple[bool, str, str]]:
+    """{node id: (ok, detail, host)}: `_sees_marker` run once on every node (hard node affinity)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    probe = ray.remote(num_cpus=0, max_retries=0)(_sees_marker)
+    refs = {nid: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(nid, soft=False),
+                               name="lmm_ray.check_storage").remote(marker, token)
+            for nid in node_ids}
+    ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+    done = set(ready)
+    out = {}
+    for nid, ref in refs.items():
+        if ref not in done:
+            ray.cancel(ref, force=True)
+            out[nid] = (False, f"the check did not run within {timeout_s:.0f} s", "?")
+            continue
+        try:
+            out[nid] = tuple(ray.get(ref))
+        except Exception as e:  # noqa: BLE001 - report whatever stopped the probe on that node
+            out[nid] = (False, f"the check failed there: {type(e).__name__}: {str(e).splitlines()[0][:200]}", "?")
+    return out
+
+
+def check_storage(sweep_dir: str, *, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """Raise ClusterError if the sweep folder is a local path that some node of the cluster cannot
+    see. Only checked with more than one alive node and a non-URI path: the driver writes a marker
+    file into `sweep_dir` and a tiny task on every node reads it back."""
+    if is_uri(sweep_dir):
+        return
+    nodes = alive_nodes()
+    if len(nodes) <= 1:
+        return
+    folder = Path(sweep_dir)
+    token = uuid.uuid4().hex
+    marker = folder / f"{MARKER_PREFIX}{token}"
+    fix = ("put `storage` on a filesystem that every node mounts at the same path (NFS, EFS, a Kubernetes "
+           "ReadWriteMany volume), or use object storage: storage: s3://bucket/path or gs://bucket/path")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        marker.write_text(token)
+    except OSError as e:
+        raise ClusterError("storage", f"cannot write into the sweep folder {sweep_dir}: {e}", fix) from None
+    try:
+        results = _probe_nodes(str(marker), token, [n["NodeID"] for n in nodes], timeout_s)
+    finally:
+        marker.unlink(missing_ok=True)
+    address = {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in nodes}
+    bad = {nid: res for nid, res in results.items() if not res[0]}
+    if not bad:
+        return
+    lines = "; ".join(f"node {nid[:12]} ({address.get(nid, '?')}, host {res[2]}): {res[1]}" for nid, res in bad.items())
+    raise ClusterError(
+        "storage",
+        f"the sweep folder {sweep_dir} is not shared: {len(bad)} of {len(nodes)} nodes cannot see a file the driver "
+        f"wrote there ({lines}). Ray Train writes checkpoints from every node into it and does not copy local folders "
+        f"between nodes",
+        fix,
+    )
+
+
+__all__ = ["ClusterError", "is_uri", "alive_nodes", "worker_bundle", "worker_slots", "check_resources", "check_storage"]
