@@ -14,8 +14,11 @@ pitfall 10).
 from __future__ import annotations
 
 import math
+import os
 import re
 import socket
+import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -23,6 +26,9 @@ from lmm_ray.config import ConfigError
 
 MARKER_PREFIX = ".lmm_ray_storage_check-"
 PROBE_TIMEOUT_S = 120.0
+NODE_WAIT_S = 60.0  # nodes of a fixed-size cluster may still be joining when the sweep starts
+RAY_UP_CONFIG = "~/ray_bootstrap_config.yaml"  # the autoscaler's config on a `ray up` head node
+SKIP_RESOURCE_CHECK = "LMM_RAY_SKIP_RESOURCE_CHECK"
 _URI = re.compile(r"[a-z][a-z0-9+.-]*://")
 _EPS = 1e-6
 
@@ -92,23 +98,51 @@ def worker_slots(nodes: list[dict], bundle: dict, driver_cpu: float = 0.0) -> in
     return max(best, 0)
 
 
-def _autoscaler_groups() -> list[tuple[dict, int]] | None:
-    """[(node resources, max count)] from the autoscaler's cluster config (ray up with an
-    autoscaler, KubeRay with autoscaling); None when the cluster does not autoscale. The same
-    private source Train V2 checks before it waits for workers (worker_group.py)."""
+def _v2_groups() -> list[tuple[dict, int]] | None:
+    """[(node resources, max count)] from the cluster config an autoscaler reports to the GCS
+    (KubeRay and autoscaler v2); the private source Train V2 itself checks before it waits for
+    workers (worker_group.py). None when nothing was reported."""
     try:
         import ray._private.state as state
 
         config = state.state.get_cluster_config()
-    except Exception:  # noqa: BLE001 - a private API; without it, judge by the nodes alone
+    except Exception:  # noqa: BLE001 - a private API; without it, judge by other sources
         return None
     if config is None or not config.node_group_configs:
         return None
+    return [({k: float(v) for k, v in g.resources.items()}, 10**6 if int(g.max_count) < 0 else int(g.max_count))
+            for g in config.node_group_configs]
+
+
+def _ray_up_groups(path: str | os.PathLike = RAY_UP_CONFIG) -> list[tuple[dict, int]] | None:
+    """[(node resources, max count)] from a `ray up` cluster config (on the head node, where job
+    drivers run, `ray up` leaves it at ~/ray_bootstrap_config.yaml). None if absent or if a node
+    type leaves its resources to auto-detection (then its size is unknown here)."""
+    import yaml
+
+    p = Path(os.path.expanduser(str(path)))
+    try:
+        raw = yaml.safe_load(p.read_text()) if p.is_file() else None
+    except (OSError, yaml.YAMLError):
+        return None
+    types = (raw or {}).get("available_node_types") or {}
     groups = []
-    for g in config.node_group_configs:
-        count = int(g.max_count)
-        groups.append(({k: float(v) for k, v in g.resources.items()}, 10**6 if count < 0 else count))
-    return groups
+    for name, t in types.items():
+        res = (t or {}).get("resources") or {}
+        if not res:
+            return None
+        count = 1 if name == raw.get("head_node_type") else int(t.get("max_workers", raw.get("max_workers", 0)))
+        groups.append(({k: float(v) for k, v in res.items()}, count))
+    return groups or None
+
+
+def _autoscaler_groups() -> list[tuple[dict, int]] | None:
+    """What the cluster can grow to, when that can be read (KubeRay/autoscaler v2, or ray up)."""
+    return _v2_groups() or _ray_up_groups(RAY_UP_CONFIG)
+
+
+def _expand(groups: list[tuple[dict, int]], cap: int) -> list[dict]:
+    return [res for res, count in groups for _ in range(min(count, cap))]
 
 
 def _describe(nodes: list[dict]) -> str:
@@ -120,31 +154,50 @@ def _describe(nodes: list[dict]) -> str:
     return "; ".join(parts)
 
 
-def check_resources(cfg) -> None:
+def check_resources(cfg, *, wait_s: float = NODE_WAIT_S) -> None:
     """Raise ClusterError unless the connected cluster can host one trial: `num_workers` workers of
     (cpus_per_worker CPU + gpus_per_worker GPU), each on a single node, plus the trial driver's
-    sliver of a CPU. Counts what the cluster has now, or, if it autoscales, what it can grow to."""
+    sliver of a CPU. Passes if the alive nodes can hold it, or if the cluster's autoscaling limits
+    can (when readable: KubeRay/autoscaler v2, or a `ray up` head). Otherwise waits up to `wait_s`
+    for nodes that are still joining. LMM_RAY_SKIP_RESOURCE_CHECK=1 skips the check (an
+    autoscaler whose limits cannot be read here)."""
+    if os.environ.get(SKIP_RESOURCE_CHECK, "").strip() not in ("", "0"):
+        return
     r = cfg.resources
     bundle = worker_bundle(cfg)
     driver = _driver_cpu()
-    nodes = alive_nodes()
-    have = worker_slots([n.get("Resources", {}) for n in nodes], bundle, driver)
-    if have >= r.num_workers:
-        return
-    groups = _autoscaler_groups()
-    if groups is not None:
-        expanded = [res for res, count in groups for _ in range(min(count, r.num_workers + 1))]
-        if worker_slots(expanded, bundle, driver) >= r.num_workers:
-            return  # the autoscaler adds the nodes when the trial asks for them
+    deadline = time.monotonic() + wait_s
+    told = False
+    while True:
+        nodes = alive_nodes()
+        have = worker_slots([n.get("Resources", {}) for n in nodes], bundle, driver)
+        if have >= r.num_workers:
+            return
+        groups = _autoscaler_groups()
+        if groups is not None:
+            pool = _expand(groups, r.num_workers + 1)
+            have = worker_slots(pool, bundle, driver)
+            if have >= r.num_workers:
+                return  # the autoscaler adds the nodes when the trial asks for them
+            break
+        if time.monotonic() >= deadline:
+            break
+        if not told:
+            print(f"[lmm_ray] the cluster cannot hold a trial yet; waiting up to {wait_s:.0f} s for nodes to join ...",
+                  file=sys.stderr, flush=True)
+            told = True
+        time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
     need = " + ".join(f"{v:g} {k}" for k, v in bundle.items())
-    biggest = max((_fits(n.get("Resources", {}), bundle) for n in nodes), default=0)
-    why = (f"no node has {need} for a single worker" if biggest == 0 else f"at most {have} such workers fit")
+    pool = pool if groups is not None else [n.get("Resources", {}) for n in nodes]
+    biggest = max((_fits(res, bundle) for res in pool), default=0)
+    why = f"no node has {need} for a single worker" if biggest == 0 else f"at most {have} such workers fit"
     raise ClusterError(
         "resources.num_workers",
         f"a trial needs {r.num_workers} workers x ({need}) plus {driver:g} CPU for its driver, but on this cluster "
         f"{why}{' (even at its autoscaling limits)' if groups is not None else ''}. Nodes: {_describe(nodes) or 'none'}",
         "lower resources.num_workers, resources.cpus_per_worker or resources.gpus_per_worker, or give the cluster "
-        "more or larger nodes (ray up: available_node_types.*.max_workers; KubeRay: workerGroupSpecs replicas)",
+        "more or larger nodes (ray up: available_node_types.*.max_workers; KubeRay: workerGroupSpecs replicas). "
+        f"If it adds nodes on demand in a way this check cannot read, set {SKIP_RESOURCE_CHECK}=1",
     )
 
 

@@ -143,7 +143,12 @@ def model_config(ref: str, *, offline: bool = False):
                              "(or use a local folder that holds its config.json)")
         config = AutoConfig.from_pretrained(str(shipped))
     else:
-        config = AutoConfig.from_pretrained(ref)
+        try:
+            config = AutoConfig.from_pretrained(ref)
+        except OSError:
+            if not shipped.is_file():
+                raise
+            config = AutoConfig.from_pretrained(str(shipped))  # no hub here: the shipped copy
     return family_of_config(config), config
 
 

@@ -268,6 +268,36 @@ def _stage_metrics(spec: TrialSpec, history: list[dict], fixed: dict, extra: dic
 # Ray Train entry point
 
 
+class SyncNonFinite(torch.nn.Module):
+    """Wraps a DDP model so that a loss that is non-finite on any rank is non-finite on every rank.
+
+    `train_stage` stops a trial when its loss is NaN/inf, before `backward`. Under DDP the ranks see
+    different slices of a batch, so one rank can overflow while the others do not: the finite ranks
+    would then wait forever in backward's gradient all-reduce (and the report barrier) for the rank
+    that stopped. With this wrapper every rank raises NonFiniteLoss at the same step and reports the
+    failure once. Costs one 1-element all-reduce per micro-batch.
+    """
+
+    def __init__(self, ddp):
+        super().__init__()
+        self.ddp = ddp
+
+    @property
+    def module(self):  # what checkpoint.unwrap and callers of a DDP model expect
+        return self.ddp.module
+
+    def forward(self, *args, **kwargs):
+        import torch.distributed as dist
+
+        out = self.ddp(*args, **kwargs)
+        if out.loss is not None:
+            ok = torch.isfinite(out.loss.detach()).to(torch.float32).reshape(1)
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+            if ok.item() < 1 and torch.isfinite(out.loss.detach()):
+                out.loss = out.loss * float("nan")  # another rank's loss is not finite
+        return out
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Runs in every Ray Train worker. `config["trial"]` is a TrialSpec dict."""
     import ray.train
@@ -281,7 +311,8 @@ def train_loop_per_worker(config: dict) -> None:
     loaded, model, resolved = prepare(spec, device)
     ddp_model = None
     if world > 1:
-        ddp_model = ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy=config.get("strategy", "ddp"))
+        ddp_model = SyncNonFinite(
+            ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy=config.get("strategy", "ddp")))
     ckpt = ray.train.get_checkpoint()
     base = unpack_base(config["base_eval"]) if config.get("base_eval") else None
 

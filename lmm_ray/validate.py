@@ -71,7 +71,7 @@ def check_data(cfg: "C.SweepConfig") -> None:
 
 
 def check_resources(cfg: "C.SweepConfig", address: str | None) -> None:
-    """Local runs only; on a cluster the check runs after connecting (sweep.check_cluster)."""
+    """Local runs only; on a cluster the check runs after connecting (cluster.check_resources)."""
     if address or os.environ.get("RAY_ADDRESS"):
         return
     r = cfg.resources
@@ -101,7 +101,8 @@ def check_tracking(cfg: "C.SweepConfig") -> None:
 def check(cfg: "C.SweepConfig", *, address: str | None = None, offline: bool = False) -> str:
     """Raise ConfigError on the first problem; return the plan."""
     check_data(cfg)
-    check_resources(cfg, address)
+    if not offline:  # offline checks the files against the model's configuration only
+        check_resources(cfg, address)
     family, trainable = check_recipes(cfg, offline=offline)
     if not offline:
         check_tracking(cfg)

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import tempfile
 import time
 import uuid
@@ -70,9 +71,12 @@ def test_ray_up_config_passes_rays_schema():
     # One trial of the study sweep fits the cluster at its autoscaling limits.
     from lmm_ray import cluster, config
 
+    # (the same reading check_resources does of ~/ray_bootstrap_config.yaml on a `ray up` head)
     study = config.load_sweep(ROOT / "sweeps" / "study_qwen2_5_vl_7b.yaml")
-    nodes = [dict(head["resources"])] + [dict(types[t]["resources"]) for t in gpu_types for _ in range(types[t]["max_workers"])]
-    assert cluster.worker_slots(nodes, cluster.worker_bundle(study), 0.01) >= study.resources.num_workers
+    groups = cluster._ray_up_groups(RAY_UP)
+    assert groups == [({"CPU": 8.0, "GPU": 0.0}, 1), ({"CPU": 96.0, "GPU": 8.0}, 2)]
+    slots = cluster.worker_slots(cluster._expand(groups, 99), cluster.worker_bundle(study), 0.01)
+    assert slots == 2 * study.resources.num_workers == 16, "two trials at once: search.max_concurrent 2"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,6 +255,7 @@ def two_nodes():
             if ray.is_initialized():
                 ray.shutdown()
             cluster.shutdown()
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture
@@ -298,8 +303,8 @@ def test_sweep_runs_on_two_nodes(two_nodes, tmp_path):
     # Where did the Train workers run? The State API keeps dead actors (with their node).
     ray.init(address=two_nodes.address, log_to_driver=False)
     try:
-        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker")], detail=True, limit=1000,
-                              raise_on_missing_output=False)
+        workers = list_actors(address=f"http://{two_nodes.webui_url}", filters=[("class_name", "=", "RayTrainWorker")],
+                              detail=True, limit=1000, raise_on_missing_output=False)
     finally:
         ray.shutdown()
     nodes = {w.node_id for w in workers}
@@ -311,8 +316,8 @@ def test_sweep_runs_on_two_nodes(two_nodes, tmp_path):
     print(f"two-node sweep: {took:.0f} s, workers on {len(nodes)} nodes")
 
 
-def test_check_resources_on_the_cluster(connected, tmp_path):
-    from lmm_ray import cluster
+def test_check_resources_on_the_cluster(connected, tmp_path, monkeypatch, capsys):
+    from lmm_ray import cluster, config
 
     ok = [("resources.num_workers=2", "resources.cpus_per_worker=0.6"),  # one worker per node
           ("resources.num_workers=1", "resources.cpus_per_worker=0.99")]
@@ -328,11 +333,33 @@ def test_check_resources_on_the_cluster(connected, tmp_path):
     }
     for overrides, words in bad.items():
         with pytest.raises(cluster.ClusterError) as e:
-            cluster.check_resources(_smoke(tmp_path, *overrides))
+            cluster.check_resources(_smoke(tmp_path, *overrides), wait_s=0)
         msg = str(e.value)
         assert e.value.field == "resources.num_workers"
         assert words in msg, msg
         assert "fix: lower resources.num_workers" in msg
+
+    # Nodes may still be joining: it waits (here 1 s) before it gives up.
+    t0 = time.monotonic()
+    with pytest.raises(cluster.ClusterError):
+        cluster.check_resources(_smoke(tmp_path, "resources.num_workers=4", "resources.cpus_per_worker=0.5"), wait_s=1)
+    assert time.monotonic() - t0 >= 1
+    assert "waiting up to 1 s for nodes to join" in capsys.readouterr().err
+
+    # On a `ray up` head the autoscaler's limits count: the 8-GPU study trial fits the GPU nodes
+    # that ray-up-gpu.yaml can start, though none is up (this CPU cluster stands in for its head).
+    monkeypatch.setattr(cluster, "RAY_UP_CONFIG", str(RAY_UP))
+    study = config.load_sweep(ROOT / "sweeps" / "study_qwen2_5_vl_7b.yaml")
+    cluster.check_resources(study, wait_s=0)
+    with pytest.raises(cluster.ClusterError) as e:
+        cluster.check_resources(_smoke(tmp_path, "resources.num_workers=17", "resources.gpus_per_worker=1",
+                                       "resources.cpus_per_worker=8"), wait_s=0)
+    assert "at most 16 such workers fit (even at its autoscaling limits)" in str(e.value)
+
+    # An autoscaler it cannot read: the user can skip the check.
+    monkeypatch.setattr(cluster, "RAY_UP_CONFIG", str(tmp_path / "absent.yaml"))
+    monkeypatch.setenv(cluster.SKIP_RESOURCE_CHECK, "1")
+    cluster.check_resources(study, wait_s=0)
 
 
 def test_check_storage_on_the_cluster(connected, tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lmm_ray import checkpoint, models, train
+from lmm_ray import checkpoint, train
 from lmm_ray.checkpoint import STATE, TENSORS
 
 pytestmark = pytest.mark.slow
@@ -57,6 +57,8 @@ def run(spec, out: Path, **kw):
 
 def base_state() -> dict[str, torch.Tensor]:
     """A freshly loaded base model's weights (independent of any trial's model object)."""
+    from lmm_ray import models
+
     return models.load_model("base:qwen2_5_vl@ci").model.state_dict()
 
 
@@ -211,7 +213,7 @@ def test_to_full_model_loads_with_transformers_and_equals_base_plus_trained(two_
     for n in base:
         assert torch.equal(sd[n], tensors[n] if n in tensors else base[n]), n
     # The folder is a complete model for the package too: evaluated, it scores what stage 2 reported.
-    from lmm_ray import evaluate
+    from lmm_ray import evaluate, models
 
     loaded = models.load_model(str(out))
     samples, kinds = train.eval_samples(r["spec"])
@@ -383,3 +385,71 @@ def test_wise_ft_interpolates_with_the_stage_start_weights(small_spec, tmp_path,
     # stage 2 starts from stage 1's interpolated weights, not from its tuned ones
     s1 = load_file(str(rec.ckpts[1] / TENSORS))
     assert all(torch.equal(snaps[1][0][n], s1[n]) for n in s1)
+
+
+# ---------------------------------------------------------------------------------------------
+# DDP: a loss that goes non-finite on one rank only stops every rank at the same step (no hang)
+
+
+class Out:  # a model output: train_stage reads `.loss`
+    def __init__(self, loss):
+        self.loss = loss
+
+
+def _ddp_nonfinite_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from lmm_ray.optim import NonFiniteLoss, train_stage
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 1)
+            self.calls = 0
+
+        def forward(self, input_ids, x):
+            self.calls += 1
+            loss = self.lin(x).pow(2).mean()
+            if rank == 1 and self.calls == 3:  # only rank 1 overflows, at its 3rd step
+                loss = loss * float("inf")
+            return Out(loss)
+
+    encs = [{"input_ids": torch.ones(1, 2, dtype=torch.long), "x": torch.randn(1, 4)} for _ in range(16)]
+    model = train.SyncNonFinite(torch.nn.parallel.DistributedDataParallel(Toy()))
+    try:
+        train_stage(model, encs, steps=6, lr=1e-2, batch_size=4, pad_id=0, seed=0, stage=1, rank=rank, world_size=world)
+        msg = "finished"
+    except NonFiniteLoss as e:
+        msg = str(e)
+    Path(out_dir, f"rank{rank}").write_text(msg)
+    dist.destroy_process_group()
+
+
+def test_ddp_nonfinite_on_one_rank_stops_all_ranks_at_the_same_step(tmp_path):
+    import socket
+    import time
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.start_processes(_ddp_nonfinite_worker, args=(2, port, str(tmp_path)), nprocs=2, join=False, start_method="spawn")
+    deadline = time.time() + 120
+    try:
+        while not ctx.join(timeout=1):
+            assert time.time() < deadline, "DDP ranks hang after a non-finite loss on one rank"
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    msgs = [(tmp_path / f"rank{r}").read_text() for r in (0, 1)]
+    assert all(re.search(r"stage 1, step 3\b", m) for m in msgs), msgs
+    assert "inf" in msgs[1] and "nan" in msgs[0]

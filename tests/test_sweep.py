@@ -1,0 +1,348 @@
+"""Sweeps end to end: `lmm-ray sweep` in a subprocess on the ci base (Ray Tune + Train V2 + Optuna +
+MLflow), then the files, the MLflow runs and the Optuna study it leaves behind.
+
+Few and small: every sweep costs 1-3 min on this 2-core machine (Ray start-up and ~15-20 s per
+trial dominate; each stage trains 5 steps and evaluates 8 samples per skill).
+  - a multi-objective NSGA-II sweep (2 trials): tracking layout, result files, the Optuna study;
+  - a sweep killed with SIGKILL after its first trial, then `--resume`d;
+  - a single-objective sweep with ASHA on the stage counter (3 trials).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+
+from lmm_ray import cli
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "sweeps" / "smoke.yaml"
+S = 2  # stages in smoke.yaml
+SMALL = ["stages.0.steps=5", "stages.1.steps=5", "train.n_train=32", "eval.n_per_skill=8", "search.max_concurrent=1"]
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_WAIT_POLICY="PASSIVE")
+    return env
+
+
+def _argv(storage: Path, name: str, *overrides: str, resume: bool = False) -> list[str]:
+    return [sys.executable, "-m", "lmm_ray.cli", "sweep", str(SMOKE), f"storage={storage}", f"name={name}",
+            *SMALL, *overrides, *(["--resume"] if resume else [])]
+
+
+def _start(storage: Path, name: str, *overrides: str, resume: bool = False, log: str = "sweep") -> subprocess.Popen:
+    out = open(storage / f"{name}.{log}.log", "w")
+    # Own process group: the test can kill the sweep with everything it started (Ray included).
+    return subprocess.Popen(_argv(storage, name, *overrides, resume=resume), cwd=ROOT, env=_env(),
+                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _kill_group(p: subprocess.Popen) -> None:
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    p.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline:  # every process of the group (driver, raylet, GCS, workers) is gone
+        try:
+            os.killpg(p.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"processes of the killed sweep's group {p.pid} are still alive")
+
+
+def _log(storage: Path, name: str, log: str = "sweep") -> str:
+    return (storage / f"{name}.{log}.log").read_text(errors="replace")
+
+
+def run_sweep(storage: Path, name: str, *overrides: str, resume: bool = False, timeout: float = 480, log: str = "sweep"):
+    p = _start(storage, name, *overrides, resume=resume, log=log)
+    try:
+        rc = p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(p)
+        raise AssertionError(f"sweep {name} ran over {timeout} s:\n{_log(storage, name, log)[-6000:]}") from None
+    text = _log(storage, name, log)
+    assert rc == 0, f"sweep {name} exited {rc}:\n{text[-6000:]}"
+    return text
+
+
+def mlflow_client(sweep_dir: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{sweep_dir / 'mlflow.db'}")
+
+
+def sweep_runs(sweep_dir: Path, name: str):
+    """(parent runs, child runs) of a sweep: every run of its experiment, split by role tag."""
+    c = mlflow_client(sweep_dir)
+    exp = c.get_experiment_by_name(name)
+    runs = c.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("lmm_ray.role") == "parent"]
+    children = [r for r in runs if r.data.tags.get("lmm_ray.role") == "trial"]
+    assert len(parents) + len(children) == len(runs), [r.data.tags for r in runs]
+    return parents, children
+
+
+def history(c, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in c.get_metric_history(run_id, key))
+
+
+def results(sweep_dir: Path) -> pd.DataFrame:
+    return pd.read_csv(sweep_dir / "results.csv", dtype={"trial_id": str})
+
+
+def trial_dirs(sweep_dir: Path) -> dict[str, Path]:
+    """Tune trial id -> the trial's Tune folder (`tune/trial_<id>_...`)."""
+    return {Path(p).name.split("_")[1]: Path(p) for p in glob.glob(str(sweep_dir / "tune" / "trial_*"))}
+
+
+def tune_states(sweep_dir: Path) -> dict[str, str]:
+    """Trial id -> status as saved in Tune's latest experiment state (what a restore starts from)."""
+    files = sorted(glob.glob(str(sweep_dir / "tune" / "experiment_state-*.json")), key=os.path.getmtime)
+    if not files:
+        return {}
+    try:
+        data = json.loads(Path(files[-1]).read_text())
+    except (OSError, ValueError):  # being written
+        return {}
+    states = {}
+    for entry in data.get("trial_data", []):
+        t = json.loads(entry[0])
+        states[t["trial_id"]] = t["status"]
+    return states
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory, ci_base):
+    # ci_base: the base model is built (once, cached) before any sweep starts, not inside Ray.
+    return tmp_path_factory.mktemp("sweeps")
+
+
+# ---------------------------------------------------------------------------------------------
+# 1 + 3: a multi-objective sweep (NSGA-II, 2 trials): tracking layout, files, the Optuna study
+
+
+@pytest.fixture(scope="module")
+def multi(storage):
+    name = "multi"
+    text = run_sweep(storage, name, "objective.mode=multi", "search.algorithm=nsga2", "search.population_size=2",
+                     "search.num_trials=2")
+    return SimpleNamespace(name=name, dir=storage / name, log=text)
+
+
+def test_sweep_writes_result_tables_and_plots(multi):
+    res = results(multi.dir)
+    assert len(res) == 2 and set(res["status"]) == {"finished"}, res
+    assert (res["stages_completed"] == S).all()
+    for col in ("learning", "heldout_change", "counting_bias", "objective", "trainable"):
+        assert res[col].notna().all(), col
+    st = pd.read_csv(multi.dir / "stages.csv", dtype={"trial_id": str})
+    assert sorted(st.groupby("trial_id")["stage"].apply(list).map(sorted).tolist()) == [[0, 1, 2], [0, 1, 2]]
+    front = pd.read_csv(multi.dir / "pareto.csv", dtype={"trial_id": str})
+    assert len(front) >= 1 and set(front["trial_id"]) <= set(res["trial_id"])
+    assert (front["status"] == "finished").all()
+    assert (multi.dir / "tradeoff.png").stat().st_size > 1000
+    assert (multi.dir / "heldout_by_stage.png").stat().st_size > 1000
+
+
+def test_mlflow_one_parent_and_a_nested_child_per_trial(multi):
+    parents, children = sweep_runs(multi.dir, multi.name)
+    assert len(parents) == 1 and len(children) == 2
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    res = results(multi.dir).set_index("trial_id")
+    c = mlflow_client(multi.dir)
+    assert {r.data.tags["lmm_ray.trial_id"] for r in children} == set(res.index)
+    for run in children:
+        tid, tags, params = run.data.tags["lmm_ray.trial_id"], run.data.tags, run.data.params
+        row = res.loc[tid]
+        assert tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.info.status == "FINISHED" and tags["lmm_ray.status"] == "finished"
+        # per-stage metrics: one point per stage, steps 1..S
+        for key in ("heldout/mean_acc", "objective", "learning", "heldout_change", "counting_bias", "target/count/acc"):
+            assert [s for s, _ in history(c, run.info.run_id, key)] == list(range(1, S + 1)), key
+        assert history(c, run.info.run_id, "learning")[-1][1] == pytest.approx(row["learning"])
+        # params: the sampled values, the resolved sweep config, trainable counts per role
+        assert params["recipe"] == row["recipe"]
+        assert float(params["lr"]) == pytest.approx(row["lr"], rel=1e-6)
+        assert params["sweep.model"] == "base:qwen2_5_vl@ci"
+        assert params["sweep.train.n_train"] == "32" and params["sweep.eval.n_per_skill"] == "8"
+        assert params["sweep.objective.mode"] == "multi" and params["sweep.search.algorithm"] == "nsga2"
+        assert int(params["trainable"]) == row["trainable"] > 0
+        roles = {k: int(v) for k, v in params.items() if k.startswith("roles/")}
+        assert roles and sum(roles.values()) == int(params["trainable"]), roles
+        # the stage table artifact
+        assert "stage_table.csv" in [a.path for a in c.list_artifacts(run.info.run_id)]
+        table = pd.read_csv(c.download_artifacts(run.info.run_id, "stage_table.csv", str(multi.dir / f"dl_{tid}")))
+        assert table["stage"].tolist() == list(range(1, S + 1))
+        assert {"heldout/mean_acc", "learning", "objective"} <= set(table.columns)
+    parent_files = {a.path for a in c.list_artifacts(parent.info.run_id)}
+    assert {"pareto.csv", "results.csv", "stages.csv", "tradeoff.png", "heldout_by_stage.png"} <= parent_files, parent_files
+
+
+def test_multi_objective_optuna_study(multi):
+    """The OptunaSearch multi-objective path: 3 directions, trials told with the final vector."""
+    import optuna
+
+    study = optuna.load_study(study_name=multi.name, storage=f"sqlite:///{multi.dir / 'optuna.db'}")
+    assert study.directions == [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MAXIMIZE,
+                                optuna.study.StudyDirection.MINIMIZE]
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 2 == len(study.trials)
+    res = results(multi.dir)
+    for t in done:
+        row = res[(res["recipe"] == t.params["recipe"]) & ((res["lr"] - t.params["lr"]).abs() < 1e-12)]
+        assert len(row) == 1, (t.params, res[["recipe", "lr"]])
+        assert t.values == pytest.approx(row[["learning", "heldout_change", "counting_bias"]].iloc[0].tolist())
+
+
+def test_progress_table_shows_only_the_chosen_columns(multi):
+    """The live table (legacy engine + CLIReporter) replaces the new engine's dump of every metric."""
+    expected = ["Trial name", "status", "loc", "recipe", "lr", "stage", "learning", "heldout_change",
+                "counting_bias", "objective"]
+    headers = [[c.strip() for c in line.strip("|").split("|")] for line in multi.log.splitlines()
+               if line.startswith("| Trial name")]
+    assert headers and max(headers, key=len) == expected, headers
+    # before the first result the metric columns are still empty, and Tune hides empty columns
+    assert all(h == expected[: len(h)] for h in headers), headers
+    assert multi.log.count("== Status ==") >= 3  # shown during the run, not only at the end
+    assert "heldout/color/acc" not in multi.log  # no per-result dump of every metric
+    assert "Reporting training result" not in multi.log
+
+
+def test_front_never_includes_unfinished_trials(multi):
+    """The guarantee behind refusing ASHA + multi: trials that did not finish every stage (stopped,
+    failed) never reach the front, even when their partial metrics dominate every finished trial."""
+    from lmm_ray import config, pareto, sweep
+
+    cfg = config.load_sweep(SMOKE, [f"storage={multi.dir.parent}", f"name={multi.name}"])
+    base = json.loads((multi.dir / "base_eval.json").read_text())["metrics"]
+
+    def result(tid: str, stage: int, learning: float, heldout: float, bias: float, error=None):
+        rows = [{"stage": s, "stage_skill": cfg.stages[s - 1].name, "heldout/color/acc": 50.0} for s in range(1, stage + 1)]
+        last = {"trial_id": tid, "stage": stage, "learning": learning, "heldout_change": heldout,
+                "counting_bias": bias, "objective": learning + min(0, heldout) - 100 * bias}
+        return SimpleNamespace(config={"recipe": "sa_proj", "lr": 1e-3}, metrics=last, error=error, path=f"/x/trial_{tid}_1",
+                               metrics_dataframe=pd.DataFrame(rows) if rows else None)
+
+    fake = [result("fin00001", S, 5.0, -10.0, 0.2), result("fin00002", S, 2.0, -1.0, 0.1),
+            result("stop0001", 1, 90.0, 50.0, -0.5),  # stopped after stage 1, dominates both
+            result("fail0001", 1, 99.0, 60.0, -0.9, error=RuntimeError("worker died"))]
+    res, st = sweep.collect(fake, cfg, base)
+    assert dict(zip(res["trial_id"], res["status"])) == {"fin00001": "finished", "fin00002": "finished",
+                                                          "stop0001": "stopped", "fail0001": "failed"}
+    front = pareto.front(res)
+    assert set(front["trial_id"]) == {"fin00001", "fin00002"}
+    # the real sweep's collected results: only finished trials on its front
+    real = results(multi.dir)
+    assert set(pareto.front(real)["trial_id"]) <= set(real.loc[real["status"] == "finished", "trial_id"])
+
+
+def test_asha_with_multi_objective_exits_2(capsys, tmp_path):
+    rc = cli.main(["sweep", str(SMOKE), f"storage={tmp_path}", "objective.mode=multi", "scheduler.type=asha"])
+    assert rc == 2
+    assert "asha with objective.mode: multi" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# 2: kill -9 after the first trial, then --resume
+
+
+def test_resume_after_kill(storage, capsys, monkeypatch):
+    import ray
+
+    name = "resume"
+    d = storage / name
+    p = _start(storage, name, "search.num_trials=2")
+    try:
+        first, deadline = None, time.time() + 420
+        while first is None:  # the first trial is complete in the state a restore starts from
+            assert p.poll() is None, f"sweep exited early ({p.returncode}):\n{_log(storage, name)[-6000:]}"
+            assert time.time() < deadline, f"no trial finished in time:\n{_log(storage, name)[-6000:]}"
+            done = [t for t, s in tune_states(d).items() if s == "TERMINATED"]
+            first = done[0] if done else None
+            time.sleep(1)
+        _, children = sweep_runs(d, name)
+        child = {r.data.tags["lmm_ray.trial_id"]: r for r in children}[first]
+        assert child.info.status == "FINISHED" and child.data.tags["lmm_ray.status"] == "finished"
+        train_dir = d / "train" / first
+        before = {f.name: f.stat().st_mtime_ns for f in train_dir.iterdir()}
+        snapshot = (train_dir / "checkpoint_manager_snapshot.json").read_text()
+        result_lines = (trial_dirs(d)[first] / "result.json").read_text().splitlines()
+        assert len(result_lines) == S
+    finally:
+        _kill_group(p)
+    assert not (d / "results.csv").exists()  # it really was interrupted
+
+    run_sweep(storage, name, "search.num_trials=2", resume=True, log="resume")
+
+    parents, children = sweep_runs(d, name)
+    assert len(parents) == 1 and len(children) == 2, [r.data.tags for r in parents + children]  # no duplicates
+    c = mlflow_client(d)
+    for run in children:
+        assert run.info.status == "FINISHED" and run.data.tags["lmm_ray.status"] == "finished"
+        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        # one point per stage, also for the trial that was running when the sweep was killed
+        assert [s for s, _ in history(c, run.info.run_id, "objective")] == list(range(1, S + 1))
+    # the first trial was not run again: Tune did not restart it, Train wrote no new checkpoint
+    assert (trial_dirs(d)[first] / "result.json").read_text().splitlines() == result_lines
+    assert {f.name: f.stat().st_mtime_ns for f in train_dir.iterdir()} == before
+    assert (train_dir / "checkpoint_manager_snapshot.json").read_text() == snapshot
+    res = results(d)
+    assert len(res) == 2 and set(res["status"]) == {"finished"} and (res["stages_completed"] == S).all()
+    assert first in set(res["trial_id"])
+
+    # a fresh sweep on the existing name is refused (exit 2) before Ray starts
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("ray.init called"))
+    rc = cli.main(["sweep", str(SMOKE), f"storage={storage}", f"name={name}", *SMALL, "search.num_trials=2"])
+    assert rc == 2
+    assert f"sweep '{name}' already exists" in capsys.readouterr().err
+    rc = cli.main(["sweep", str(SMOKE), f"storage={storage}", "name=no_such_sweep", "--resume"])
+    assert rc == 2
+    assert "--resume: no sweep to resume" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# 4: single objective + ASHA on the stage counter
+
+
+def test_asha_single_objective(storage):
+    name = "asha"
+    d = storage / name
+    run_sweep(storage, name, "search.num_trials=3", "scheduler.type=asha", "scheduler.grace_period=1")
+    res = results(d)
+    assert len(res) == 3
+    assert set(res["status"]) <= {"finished", "stopped"}, res[["trial_id", "status", "reason"]]
+    for row in res.itertuples():  # status follows the stages completed
+        assert row.status == ("finished" if row.stages_completed == S else "stopped"), row
+        assert 1 <= row.stages_completed <= S
+    _, children = sweep_runs(d, name)
+    assert len(children) == 3
+    c = mlflow_client(d)
+    by_tid = res.set_index("trial_id")
+    for run in children:
+        row = by_tid.loc[run.data.tags["lmm_ray.trial_id"]]
+        assert run.data.tags["lmm_ray.status"] == row["status"]
+        assert run.info.status == "FINISHED"
+        assert [s for s, _ in history(c, run.info.run_id, "objective")] == list(range(1, int(row["stages_completed"]) + 1))
+    front = pd.read_csv(d / "pareto.csv", dtype={"trial_id": str})
+    stopped = set(res.loc[res["status"] == "stopped", "trial_id"])
+    assert not stopped & set(front["trial_id"])
+    print(f"ASHA stopped {len(stopped)} of 3 trials: {sorted(stopped)}")
