@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 from ray.tune import CLIReporter
+from ray.tune.search.optuna import OptunaSearch
 
 from lmm_ray import config as C
 from lmm_ray import objective, tracking
@@ -162,9 +163,37 @@ def make_trial_fn(cfg: "C.SweepConfig", base_packed: dict):
     return trial
 
 
+class StageAwareOptunaSearch(OptunaSearch):
+    """OptunaSearch that tells Optuna the truth about trials that did not finish every stage.
+
+    The stock class tells a trial stopped by ASHA as COMPLETE with the objective of its last (early)
+    stage. Objectives fall as stages add forgetting, so a trial stopped after stage 1 usually looks
+    better than every finished one, and the sampler chases it. Here a stopped trial is PRUNED
+    (Optuna ranks pruned trials below complete ones, by their last reported value) and a trial that
+    reported a failure (non-finite loss) is FAIL.
+    """
+
+    def __init__(self, *args, stages_total: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._stages_total = stages_total
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        from optuna.trial import TrialState
+
+        if result and not error and trial_id in self._ot_trials and trial_id not in self._completed_trials:
+            failed = bool(result.get("failed"))
+            if failed or int(result.get("stage", 0)) < self._stages_total:
+                try:
+                    self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.FAIL if failed else TrialState.PRUNED)
+                except Exception as exc:  # noqa: BLE001 - like the stock class: never break the sweep
+                    print(f"[lmm_ray] could not tell Optuna about trial {trial_id}: {exc}", file=sys.stderr)
+                self._completed_trials.add(trial_id)
+                return
+        super().on_trial_complete(trial_id, result, error)
+
+
 def make_searcher(cfg: "C.SweepConfig"):
     import optuna
-    from ray.tune.search.optuna import OptunaSearch
 
     s = cfg.search
     samplers = {
@@ -182,8 +211,9 @@ def make_searcher(cfg: "C.SweepConfig"):
         modes = [m for _, m in objective.VECTOR]
         # Metric and mode go on the searcher only: set on TuneConfig they would silently turn
         # the search single-objective (ray_stack.md, pitfall 4).
-        return OptunaSearch(metric=names, mode=modes, sampler=sampler, study_name=cfg.name, storage=storage)
-    return OptunaSearch(sampler=sampler, study_name=cfg.name, storage=storage)
+        return StageAwareOptunaSearch(metric=names, mode=modes, sampler=sampler, study_name=cfg.name, storage=storage,
+                                      stages_total=len(cfg.stages))
+    return StageAwareOptunaSearch(sampler=sampler, study_name=cfg.name, storage=storage, stages_total=len(cfg.stages))
 
 
 # The live progress table: one row per trial with only these columns (every reported metric,
@@ -198,9 +228,16 @@ class StageReporter(CLIReporter):
     """A CLIReporter that prints its table whenever a trial starts, ends or reports a stage, and
     otherwise every `max_report_frequency` seconds (a heartbeat), instead of every 5 s."""
 
-    def __init__(self, **kw):
+    def __init__(self, stages_total: int = 0, **kw):
         super().__init__(**kw)
         self._seen = None
+        self._stages_total = stages_total
+
+    def _current_best_trial(self, trials):
+        # "Current best trial" among trials that finished every stage: an objective after stage 1
+        # is not comparable with a final one (later stages add forgetting).
+        return super()._current_best_trial(
+            [t for t in trials if int((t.last_result or {}).get("stage", 0)) >= self._stages_total])
 
     def should_report(self, trials, done: bool = False) -> bool:
         seen = sorted((t.trial_id, t.status, (t.last_result or {}).get("stage")) for t in trials)
@@ -217,7 +254,7 @@ def make_reporter(cfg: "C.SweepConfig") -> StageReporter:
     # No metric/mode here: Tune hands the reporter TuneConfig's (scalar mode: the objective, so the
     # status shows the best trial so far) and refuses a reporter that has its own.
     return StageReporter(
-        parameter_columns=list(PROGRESS_PARAMS), metric_columns=list(PROGRESS_METRICS),
+        stages_total=len(cfg.stages), parameter_columns=list(PROGRESS_PARAMS), metric_columns=list(PROGRESS_METRICS),
         total_samples=cfg.search.num_trials, max_report_frequency=120, print_intermediate_tables=True,
         max_column_length=24,
     )
@@ -231,6 +268,51 @@ def make_scheduler(cfg: "C.SweepConfig"):
     # time_attr is our own stage counter: training_iteration restarts at 1 after a restore.
     return ASHAScheduler(time_attr="stage", max_t=len(cfg.stages), grace_period=cfg.scheduler.grace_period,
                          reduction_factor=cfg.scheduler.reduction_factor)
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep's folder
+
+
+class Store:
+    """The sweep's folder: a local path, or a URI that pyarrow reaches (s3://, gs://, ...) so a
+    multi-node sweep keeps its tables next to the Tune state every node writes."""
+
+    def __init__(self, root: str):
+        self.root = root.rstrip("/")
+        self.is_uri = "://" in root
+        if self.is_uri:
+            import pyarrow.fs
+
+            self.fs, self.base = pyarrow.fs.FileSystem.from_uri(self.root)
+        else:
+            self.local = Path(root)
+
+    def exists(self, rel: str) -> bool:
+        if not self.is_uri:
+            return (self.local / rel).exists()
+        import pyarrow.fs
+
+        return self.fs.get_file_info(f"{self.base}/{rel}").type != pyarrow.fs.FileType.NotFound
+
+    def read_text(self, rel: str) -> str:
+        if not self.is_uri:
+            return (self.local / rel).read_text()
+        with self.fs.open_input_stream(f"{self.base}/{rel}") as f:
+            return f.read().decode()
+
+    def write_text(self, rel: str, text: str) -> None:
+        if not self.is_uri:
+            self.local.mkdir(parents=True, exist_ok=True)
+            (self.local / rel).write_text(text)
+            return
+        self.fs.create_dir(self.base, recursive=True)
+        with self.fs.open_output_stream(f"{self.base}/{rel}") as f:
+            f.write(text.encode())
+
+    def put(self, local_file: Path, rel: str) -> None:
+        with open(local_file, "rb") as src, self.fs.open_output_stream(f"{self.base}/{rel}") as dst:
+            dst.write(src.read())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,16 +352,22 @@ def collect(results, cfg: "C.SweepConfig", base_metrics: dict) -> tuple[pd.DataF
     return res, st
 
 
-def summarize(cfg: "C.SweepConfig", res: pd.DataFrame, st: pd.DataFrame, parent_id: str | None) -> str:
+def summarize(cfg: "C.SweepConfig", res: pd.DataFrame, st: pd.DataFrame, parent_id: str | None,
+              store: "Store | None" = None) -> str:
     """Write tables and plots, log them to the parent run, and return the text shown to the user."""
+    import tempfile
+
     from lmm_ray import pareto
 
-    out = Path(cfg.sweep_dir)
+    store = store or Store(cfg.sweep_dir)
+    out = store.local if not store.is_uri else Path(tempfile.mkdtemp(prefix="lmm_ray-summary-"))
     res.to_csv(out / "results.csv", index=False)
     st.to_csv(out / "stages.csv", index=False)
     front = pareto.front(res) if (res["status"] == "finished").any() else res.iloc[0:0]
     lines = [f"\n== sweep {cfg.name}: {len(res)} trials ({', '.join(f'{n} {s}' for s, n in res['status'].value_counts().items())})"]
-    lines.append(pareto.format_table(res.sort_values("objective", ascending=False), front_ids=set(front["trial_id"])))
+    # finished trials first: the objective of a stopped trial is an early stage's, not comparable
+    shown = res.assign(_unfinished=res["status"] != "finished").sort_values(["_unfinished", "objective"], ascending=[True, False])
+    lines.append(pareto.format_table(shown.drop(columns="_unfinished"), front_ids=set(front["trial_id"])))
     lines.append(f"\n== Pareto-optimal trials (learning up, held-out change up, counting bias down), hypervolume vs base "
                  f"{pareto.front_hypervolume(res):.3g}:")
     lines.append(pareto.format_table(front) if len(front) else "(no finished trial)")
@@ -290,15 +378,21 @@ def summarize(cfg: "C.SweepConfig", res: pd.DataFrame, st: pd.DataFrame, parent_
         files.append(pareto.plot_tradeoff(res, out / "tradeoff.png"))
         labels = [f"{r.recipe} lr={r.lr:.1e}" for r in front.itertuples()]
         files.append(pareto.plot_stages(st, list(front["trial_id"]), labels, out / "heldout_by_stage.png"))
+    if store.is_uri:
+        for f in files:
+            store.put(f, f.name)
     if parent_id:
         for f in files:
             tracking.log_artifact(cfg.mlflow_uri, parent_id, f)
-        best = res.sort_values("objective", ascending=False).iloc[0]
+        # Among finished trials: a stopped trial's objective is that of an early stage (before later
+        # stages add forgetting) and would usually "win".
+        done = res[res["status"] == "finished"]
+        best = (done if len(done) else res).sort_values("objective", ascending=False).iloc[0]
         c = tracking.client(cfg.mlflow_uri)
         c.log_metric(parent_id, "best_objective", float(best["objective"]))
         c.log_metric(parent_id, "front_size", len(front))
         c.set_tag(parent_id, "best_trial", str(best["trial_id"]))
-    lines.append(f"\nresults: {out / 'results.csv'}\nMLflow:  experiment {cfg.experiment!r} at {cfg.mlflow_uri}"
+    lines.append(f"\nresults: {cfg.sweep_dir}/results.csv\nMLflow:  experiment {cfg.experiment!r} at {cfg.mlflow_uri}"
                  f"\n         open it with: lmm-ray ui {cfg.sweep_dir}")
     return "\n".join(lines)
 
@@ -314,24 +408,27 @@ def run(cfg: "C.SweepConfig", *, resume: bool = False, address: str | None = Non
     from lmm_ray.train import base_evaluation, pack_base, unpack_base
 
     validate.check(cfg, address=address)  # everything that can fail before Ray starts
-    sweep_dir = Path(cfg.sweep_dir)
-    tune_path = sweep_dir / TUNE_DIR
-    exists = tune_path.exists()
+    store = Store(cfg.sweep_dir)
+    exists = store.exists(f"{TUNE_DIR}/tuner.pkl")
     if resume and not exists:
-        raise SweepError(f"--resume: no sweep to resume at {sweep_dir} (run it without --resume first)")
+        raise SweepError(f"--resume: no sweep to resume at {cfg.sweep_dir} (run it without --resume first)")
     if exists and not resume:
-        raise SweepError(f"sweep {cfg.name!r} already exists at {sweep_dir}: continue it with --resume, "
+        raise SweepError(f"sweep {cfg.name!r} already exists at {cfg.sweep_dir}: continue it with --resume, "
                          f"or give a new name (name=... on the command line) — a fresh sweep never reuses a name")
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    (sweep_dir / "sweep.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
-
-    parent = tracking.parent_run(cfg.mlflow_uri, cfg.experiment, cfg.name, cfg.to_dict(), str(sweep_dir / "mlartifacts"))
-    base_file = sweep_dir / "base_eval.json"
     t0 = time.time()
     init_ray(cfg, address)
     try:
-        if base_file.exists():
-            packed = json.loads(base_file.read_text())
+        from lmm_ray import cluster
+
+        # On a cluster: refuse, before anything is written or booked, a trial that cannot fit or a
+        # storage path that some node cannot see.
+        cluster.check_resources(cfg)
+        cluster.check_storage(cfg.sweep_dir)
+        store.write_text("sweep.json", json.dumps(cfg.to_dict(), indent=1, default=str))
+        parent = tracking.parent_run(cfg.mlflow_uri, cfg.experiment, cfg.name, cfg.to_dict(),
+                                     None if store.is_uri else str(store.local / "mlartifacts"))
+        if store.exists("base_eval.json"):
+            packed = json.loads(store.read_text("base_eval.json"))
             packed["probe"] = bytes.fromhex(packed["probe"])
         else:
             print(f"[lmm_ray] evaluating the base model {cfg.model} once for the whole sweep ...", file=sys.stderr, flush=True)
@@ -339,12 +436,13 @@ def run(cfg: "C.SweepConfig", *, resume: bool = False, address: str | None = Non
             task = ray.remote(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker)(
                 lambda spec: pack_base(*base_evaluation(spec)))
             packed = ray.get(task.remote(trial_spec(cfg, cfg.search_space.example())))
-            base_file.write_text(json.dumps({**packed, "probe": packed["probe"].hex()}))
+            store.write_text("base_eval.json", json.dumps({**packed, "probe": packed["probe"].hex()}))
         base_metrics, _ = unpack_base(packed)
         trainable = ray.tune.with_resources(make_trial_fn(cfg, packed), TRIAL_DRIVER_RESOURCES)
         logger = tracking.TrialLogger(cfg.mlflow_uri, cfg.experiment, cfg.name, parent, _flat_config(cfg), len(cfg.stages))
         if resume:
-            tuner = ray.tune.Tuner.restore(str(tune_path), trainable=trainable, resume_unfinished=True, resume_errored=True)
+            tuner = ray.tune.Tuner.restore(f"{cfg.sweep_dir.rstrip('/')}/{TUNE_DIR}", trainable=trainable,
+                                           resume_unfinished=True, resume_errored=True)
         else:
             tc = dict(search_alg=make_searcher(cfg), scheduler=make_scheduler(cfg), num_samples=cfg.search.num_trials,
                       max_concurrent_trials=cfg.search.max_concurrent)
@@ -354,7 +452,7 @@ def run(cfg: "C.SweepConfig", *, resume: bool = False, address: str | None = Non
                 trainable,
                 param_space=cfg.search_space.to_tune(),
                 tune_config=ray.tune.TuneConfig(**tc),
-                run_config=ray.tune.RunConfig(name=TUNE_DIR, storage_path=str(sweep_dir), callbacks=[logger],
+                run_config=ray.tune.RunConfig(name=TUNE_DIR, storage_path=cfg.sweep_dir, callbacks=[logger],
                                               failure_config=ray.tune.FailureConfig(max_failures=cfg.resources.max_failures),
                                               progress_reporter=make_reporter(cfg), verbose=1),
             )
@@ -370,7 +468,7 @@ def run(cfg: "C.SweepConfig", *, resume: bool = False, address: str | None = Non
             else:
                 os.environ["RAY_AIR_NEW_OUTPUT"] = prev_output
         res, st = collect(results, cfg, base_metrics)
-        print(summarize(cfg, res, st, parent))
+        print(summarize(cfg, res, st, parent, store))
         print(f"\nwall time {time.time() - t0:.0f} s", file=sys.stderr)
         tracking.finish_parent(cfg.mlflow_uri, parent)
         return res, st

@@ -345,4 +345,41 @@ def test_asha_single_objective(storage):
     front = pd.read_csv(d / "pareto.csv", dtype={"trial_id": str})
     stopped = set(res.loc[res["status"] == "stopped", "trial_id"])
     assert not stopped & set(front["trial_id"])
+    # Optuna hears the truth: a stopped trial is PRUNED (its early-stage objective is not a final one)
+    import optuna
+
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{d / 'optuna.db'}")
+    states = sorted(t.state.name for t in study.trials)
+    assert states == sorted("COMPLETE" if s == "finished" else "PRUNED" for s in res["status"]), states
+    finished = res[res["status"] == "finished"]
+    assert sorted(t.value for t in study.trials if t.state.name == "COMPLETE") == pytest.approx(sorted(finished["objective"]))
+    assert study.best_trial.value == pytest.approx(finished["objective"].max())
+    # the parent's best trial is a finished one
+    parents, _ = sweep_runs(d, name)
+    assert parents[0].data.tags["best_trial"] in set(finished["trial_id"])
     print(f"ASHA stopped {len(stopped)} of 3 trials: {sorted(stopped)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the live progress table's reporter, without Ray
+
+
+def test_stage_reporter_prints_on_change_and_ranks_only_finished_trials():
+    from lmm_ray import config, sweep
+
+    cfg = config.load_sweep(SMOKE)
+    rep = sweep.make_reporter(cfg)
+    rep.setup(metric="objective", mode="max")
+    trial = lambda tid, status, stage, obj: SimpleNamespace(  # noqa: E731
+        trial_id=tid, status=status, last_result={"stage": stage, "objective": obj} if stage else {})
+    a0 = [trial("a", "PENDING", 0, None)]
+    assert rep.should_report(a0)  # first look
+    assert not rep.should_report(a0)  # nothing new: wait for the heartbeat
+    a1 = [trial("a", "RUNNING", 1, 5.0), trial("b", "PENDING", 0, None)]
+    assert rep.should_report(a1)  # a stage reported
+    assert not rep.should_report(a1, done=True)  # the final table would repeat the last one
+    # best so far: only trials through every stage (an early stage's objective is not comparable)
+    best, metric = rep._current_best_trial([trial("a", "RUNNING", 1, 5.0), trial("b", "TERMINATED", S, -3.0)])
+    assert best.trial_id == "b" and metric == "objective"
+    assert list(rep._metric_columns) == ["stage", "learning", "heldout_change", "counting_bias", "objective"]
+    assert list(rep._parameter_columns) == ["recipe", "lr"]

@@ -398,6 +398,7 @@ class Out:  # a model output: train_stage reads `.loss`
 
 def _ddp_nonfinite_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     import os
+    import time
 
     import torch.distributed as dist
 
@@ -429,6 +430,10 @@ def _ddp_nonfinite_worker(rank: int, world: int, port: int, out_dir: str) -> Non
     except NonFiniteLoss as e:
         msg = str(e)
     Path(out_dir, f"rank{rank}").write_text(msg)
+    # Like the report barrier of Ray Train: wait for the other rank before leaving.
+    deadline = time.time() + 90
+    while not Path(out_dir, f"rank{1 - rank}").exists() and time.time() < deadline:
+        time.sleep(0.1)
     dist.destroy_process_group()
 
 
@@ -442,7 +447,7 @@ def test_ddp_nonfinite_on_one_rank_stops_all_ranks_at_the_same_step(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.start_processes(_ddp_nonfinite_worker, args=(2, port, str(tmp_path)), nprocs=2, join=False, start_method="spawn")
-    deadline = time.time() + 120
+    deadline = time.time() + 60
     try:
         while not ctx.join(timeout=1):
             assert time.time() < deadline, "DDP ranks hang after a non-finite loss on one rank"

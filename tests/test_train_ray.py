@@ -142,10 +142,18 @@ def test_two_workers_ddp_with_frozen_parts_matches_one_worker_closely(ray_local,
     cos = torch.nn.functional.cosine_similarity(v1, v2, dim=0).item()
     rel = ((v1 - v2).norm() / v1.norm()).item()
     print(f"1 vs 2 workers: cosine {cos:.8f}, relative difference {rel:.3g}, loss_first {rows(one_worker)[0]['train_loss_first']} vs {rs[0]['train_loss_first']}", file=sys.stderr)
-    assert cos > 0.95 and rel < 0.3
-    # rank 0 trains on half of each batch: its first loss is not the 1-worker one, but the same magnitude
+    # (measured: relative difference ~6e-6. Gradients summed instead of averaged, or ranks not
+    # synchronised, move it by orders of magnitude.)
+    assert cos > 0.999 and rel < 1e-3
+    # ... while rank 0 really trained on its half of each batch: its loss is not the 1-worker one.
     a, b = rows(one_worker)[0], rs[0]
+    assert b["train_loss_first"] != a["train_loss_first"]
     assert b["train_loss_first"] == pytest.approx(a["train_loss_first"], rel=0.5)
+    # and the evaluation after each stage agrees within one sample per skill
+    for r1, r2 in zip(rows(one_worker), rs):
+        for n in NAMES:
+            if n.endswith("/acc"):
+                assert abs(r1[n] - r2[n]) <= 12.5, (n, r1[n], r2[n])
 
 
 # ---------------------------------------------------------------------------------------------
