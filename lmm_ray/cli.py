@@ -180,7 +180,9 @@ def cmd_pareto(a) -> int:
     else:
         print(f"# {d}: {len(res)} trials; * = Pareto-optimal (learning up, held-out change up, counting bias down)")
         print(pareto.format_table(res.sort_values("objective", ascending=False), front_ids=set(front["trial_id"])))
-        print(f"\nhypervolume of the front vs the base: {pareto.front_hypervolume(res):.4g}")
+        from lmm_ray.sweep import hypervolume_note
+
+        print(f"\n{hypervolume_note(res)}")
     if a.plot:
         print(f"plot: {pareto.plot_tradeoff(res, a.plot)}", file=sys.stderr)
     if a.export:

@@ -115,6 +115,12 @@ def _text_config(tok, s: TinySize, **extra) -> dict:
     )
 
 
+def _vit(s: TinySize, **extra) -> dict:
+    """A SigLIP / CLIP / InternViT vision config of the tiny size (Qwen's ViT names its fields differently)."""
+    return dict(hidden_size=s.vision_hidden, intermediate_size=2 * s.vision_hidden, num_hidden_layers=s.vision_layers,
+                num_attention_heads=4, **extra)
+
+
 def _tiny_qwen2_5_vl(tok, s: TinySize):
     head_dim = s.hidden // s.heads
     half = head_dim // 2
@@ -148,20 +154,12 @@ def _tiny_qwen2_5_vl(tok, s: TinySize):
 
 
 def _tiny_llava_onevision(tok, s: TinySize):
-    # SigLIP patch = 2*patch so that one image gives (image_size/patch)^2/4 tokens like the others.
+    # SigLIP patch = 2*patch: the base view then has (image_size/patch)^2/4 tokens like the other
+    # families ("anyres" adds a crop of the same size and a newline per row).
     vp = 2 * s.patch
     cfg = T.LlavaOnevisionConfig(
         text_config=dict(model_type="qwen2", **_text_config(tok, s)),
-        vision_config=dict(
-            model_type="siglip_vision_model",
-            hidden_size=s.vision_hidden,
-            intermediate_size=2 * s.vision_hidden,
-            num_hidden_layers=s.vision_layers,
-            num_attention_heads=4,
-            image_size=s.image_size,
-            patch_size=vp,
-            vision_use_head=False,
-        ),
+        vision_config=_vit(s, model_type="siglip_vision_model", image_size=s.image_size, patch_size=vp, vision_use_head=False),
         image_token_index=tok.convert_tokens_to_ids("<image>"),
         video_token_index=tok.convert_tokens_to_ids("<video>"),
         vision_feature_select_strategy="full",
@@ -177,16 +175,8 @@ def _tiny_llava(tok, s: TinySize):
     vp = 2 * s.patch
     cfg = T.LlavaConfig(
         text_config=dict(model_type="llama", **_text_config(tok, s)),
-        vision_config=dict(
-            model_type="clip_vision_model",
-            hidden_size=s.vision_hidden,
-            intermediate_size=2 * s.vision_hidden,
-            num_hidden_layers=s.vision_layers,
-            num_attention_heads=4,
-            image_size=s.image_size,
-            patch_size=vp,
-            projection_dim=s.vision_hidden,
-        ),
+        vision_config=_vit(s, model_type="clip_vision_model", image_size=s.image_size, patch_size=vp,
+                           projection_dim=s.vision_hidden),
         image_token_index=tok.convert_tokens_to_ids("<image>"),
         vision_feature_select_strategy="default",  # drops CLS
         vision_feature_layer=-1,
@@ -199,14 +189,7 @@ def _tiny_llava(tok, s: TinySize):
 def _tiny_internvl(tok, s: TinySize):
     cfg = T.InternVLConfig(
         text_config=dict(model_type="qwen2", **_text_config(tok, s)),
-        vision_config=dict(
-            hidden_size=s.vision_hidden,
-            intermediate_size=2 * s.vision_hidden,
-            num_hidden_layers=s.vision_layers,
-            num_attention_heads=4,
-            image_size=[s.image_size, s.image_size],
-            patch_size=[s.patch, s.patch],
-        ),
+        vision_config=_vit(s, image_size=[s.image_size, s.image_size], patch_size=[s.patch, s.patch]),
         image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
         image_seq_length=(s.image_size // s.patch) ** 2 // 4,
         downsample_ratio=0.5,

@@ -352,6 +352,14 @@ def collect(results, cfg: "C.SweepConfig", base_metrics: dict) -> tuple[pd.DataF
     return res, st
 
 
+def hypervolume_note(res: pd.DataFrame) -> str:
+    from lmm_ray import pareto
+
+    hv = pareto.front_hypervolume(res)
+    # The volume only counts trials that beat the base on all three objectives at once.
+    return f"hypervolume vs the base {hv:.4g}" + (" (no trial improves on the base in every objective)" if hv == 0 else "")
+
+
 def summarize(cfg: "C.SweepConfig", res: pd.DataFrame, st: pd.DataFrame, parent_id: str | None,
               store: "Store | None" = None) -> str:
     """Write tables and plots, log them to the parent run, and return the text shown to the user."""
@@ -368,8 +376,7 @@ def summarize(cfg: "C.SweepConfig", res: pd.DataFrame, st: pd.DataFrame, parent_
     # finished trials first: the objective of a stopped trial is an early stage's, not comparable
     shown = res.assign(_unfinished=res["status"] != "finished").sort_values(["_unfinished", "objective"], ascending=[True, False])
     lines.append(pareto.format_table(shown.drop(columns="_unfinished"), front_ids=set(front["trial_id"])))
-    lines.append(f"\n== Pareto-optimal trials (learning up, held-out change up, counting bias down), hypervolume vs base "
-                 f"{pareto.front_hypervolume(res):.3g}:")
+    lines.append(f"\n== Pareto-optimal trials (learning up, held-out change up, counting bias down); {hypervolume_note(res)}:")
     lines.append(pareto.format_table(front) if len(front) else "(no finished trial)")
     files = [out / "results.csv", out / "stages.csv"]
     if len(front):
