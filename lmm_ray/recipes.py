@@ -75,6 +75,10 @@ class RecipeSpec:
             kw["lora"] = LoraSpec(**lo)
         if kw.get("layers") is not None and kw.get("last_n") is not None:
             raise RecipeError(f"recipe {name!r}: give either 'layers' or 'last_n', not both")
+        if kw.get("lora") is not None and kw.get("wise_ft") is not None:
+            # Blending LoRA's A and B separately does not interpolate their product, the weight change.
+            raise RecipeError(f"recipe {name!r}: wise_ft interpolates weights and does not combine with lora; "
+                              "use it with a recipe that trains weights directly (e.g. mlp)")
         spec = cls(name=name, **kw)
         if not (spec.roles or spec.patterns or spec.lora):
             raise RecipeError(f"recipe {name!r}: names no 'roles', 'patterns' or 'lora': it would train nothing")

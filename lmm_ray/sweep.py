@@ -416,10 +416,10 @@ def run(cfg: "C.SweepConfig", *, resume: bool = False, address: str | None = Non
 
     validate.check(cfg, address=address)  # everything that can fail before Ray starts
     store = Store(cfg.sweep_dir)
-    exists = store.exists(f"{TUNE_DIR}/tuner.pkl")
-    if resume and not exists:
-        raise SweepError(f"--resume: no sweep to resume at {cfg.sweep_dir} (run it without --resume first)")
-    if exists and not resume:
+    started = store.exists(TUNE_DIR)
+    if resume and not store.exists(f"{TUNE_DIR}/tuner.pkl"):
+        raise SweepError(f"--resume: no sweep to resume at {cfg.sweep_dir} (no Tune state there; run it without --resume)")
+    if started and not resume:
         raise SweepError(f"sweep {cfg.name!r} already exists at {cfg.sweep_dir}: continue it with --resume, "
                          f"or give a new name (name=... on the command line) — a fresh sweep never reuses a name")
     t0 = time.time()

@@ -237,9 +237,12 @@ def run_trial(
                     if n in prev:
                         p.mul_(1 - alpha).add_(prev[n], alpha=alpha)
         del teacher, prev
-        result = evaluate.evaluate(model, loaded.processor, eval_sets, batch_size=ev["batch_size"],
-                                   max_new_tokens=ev["max_new_tokens"], probe_base=probe_base)
-        history.append(result.metrics())
+        if rank == 0:
+            result = evaluate.evaluate(model, loaded.processor, eval_sets, batch_size=ev["batch_size"],
+                                       max_new_tokens=ev["max_new_tokens"], probe_base=probe_base)
+            history.append(result.metrics())
+        else:  # only rank 0's report reaches Tune: the other ranks skip the evaluation
+            history.append(history[-1])
         extra = {"train_loss_first": stats.loss_first, "train_loss_last": stats.loss_last,
                  "stage_train_seconds": stats.seconds, "stage_steps": stats.steps}
         metrics = _stage_metrics(spec, history, fixed, extra)

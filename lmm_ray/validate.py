@@ -89,6 +89,18 @@ def check_resources(cfg: "C.SweepConfig", address: str | None) -> None:
                               "set resources.gpus_per_worker: 0 to train on CPU, or run on a cluster with GPUs")
 
 
+def check_batch(cfg: "C.SweepConfig") -> None:
+    """The global batch must split evenly over workers and accumulation steps (else it silently shrinks)."""
+    sp = cfg.search_space.params
+    sizes = sp["batch_size"].grid_values() if "batch_size" in sp else [cfg.train.batch_size]
+    accums = sp["grad_accum"].grid_values() if "grad_accum" in sp else [cfg.train.grad_accum]
+    for b in sizes:
+        for g in accums:
+            if b % (cfg.resources.num_workers * g):
+                raise ConfigError("train.batch_size", f"batch_size {b} does not split into {cfg.resources.num_workers} "
+                                  f"worker(s) x grad_accum {g}", "make batch_size a multiple of num_workers x grad_accum")
+
+
 def check_tracking(cfg: "C.SweepConfig") -> None:
     from lmm_ray import tracking
 
@@ -103,6 +115,7 @@ def check(cfg: "C.SweepConfig", *, address: str | None = None, offline: bool = F
     check_data(cfg)
     if not offline:  # offline checks the files against the model's configuration only
         check_resources(cfg, address)
+    check_batch(cfg)
     family, trainable = check_recipes(cfg, offline=offline)
     if not offline:
         check_tracking(cfg)

@@ -63,12 +63,15 @@ def test_shipped_files_exist():
 def test_shipped_sweeps_load(path, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # search_space paths must not depend on the CWD
     cfg = load_sweep(path)
-    assert cfg.name == path.stem
     assert cfg.stages and cfg.heldout
+    assert parse_sweep(cfg.to_dict()) == cfg
+    if path.stem.startswith("study_"):  # cluster sweeps: shared storage and a tracking server
+        assert cfg.sweep_dir.startswith("/mnt/shared/") and cfg.mlflow_uri.startswith("http")
+        return
+    assert cfg.name == path.stem
     assert cfg.sweep_dir == str(tmp_path / "runs" / cfg.name)
     assert cfg.mlflow_uri == f"sqlite:///{tmp_path}/runs/{cfg.name}/mlflow.db"
     assert cfg.experiment == cfg.name
-    assert parse_sweep(cfg.to_dict()) == cfg
 
 
 def test_quickstart_and_smoke_contents():
@@ -220,13 +223,17 @@ def test_grid_defaults_num_trials_to_grid_size():
 def test_trial_recipe_applies_options():
     space = parse_search_space({"recipe": {"choice": ["lora", "sa_proj"]}, "lr": {"loguniform": [1.0e-4, 1.0e-3]},
                                 "lora_rank": {"choice": [4, 16]}, "lora_roles": {"choice": ["llm.attn.*,llm.mlp.*"]},
-                                "layers": {"choice": ["0-1", "2-3"]}, "wise_ft_alpha": 0.3})
+                                "layers": {"choice": ["0-1", "2-3"]}})
     spec = trial_recipe(space, {"recipe": "lora", "lr": 3e-4, "lora_rank": 16, "layers": "2-3",
                                 "lora_roles": "llm.attn.*,llm.mlp.*", "training_iteration": 1})
     base = RECIPES.get("lora")
     assert spec.name == "lora" and spec.lora.rank == 16 and base.lora.rank == 8
     assert spec.lora.roles == ("llm.attn.*", "llm.mlp.*") and spec.lora.alpha == base.lora.alpha
-    assert spec.layers == "2-3" and spec.wise_ft == {"alpha": 0.3}
+    assert spec.layers == "2-3" and spec.wise_ft is None
+    wise = parse_search_space({"recipe": "mlp", "lr": 1.0e-3, "wise_ft_alpha": 0.3})
+    assert trial_recipe(wise, {}).wise_ft == {"alpha": 0.3}
+    with pytest.raises(ConfigError, match="wise_ft interpolates weights and does not combine with lora"):
+        parse_search_space({"recipe": "lora", "lr": 1.0e-3, "wise_ft_alpha": 0.3})
     sa = trial_recipe(space, {"recipe": "sa_proj", "lora_rank": 4, "layers": "0-1"})
     assert sa.lora is None and sa.layers == "0-1" and sa.roles == RECIPES.get("sa_proj").roles
     assert inactive_params(space, {"recipe": "sa_proj", "lora_rank": 4}) == {"lora_rank", "lora_roles"}
