@@ -172,7 +172,18 @@ def cmd_pareto(a) -> int:
     from lmm_ray import pareto
 
     d = _sweep_dir(a.sweep)
-    res, st = pareto.load_results(d)
+    try:
+        res, _ = pareto.load_results(d)
+    except FileNotFoundError:
+        if not Path(a.sweep).is_file():
+            raise
+        from lmm_ray import config, tracking
+
+        cfg = config.load_sweep(a.sweep)  # no results file: rebuild the table from the MLflow runs
+        res = tracking.results_from_mlflow(cfg.mlflow_uri, cfg.experiment, cfg.name)
+        if res.empty:
+            raise UserError(f"sweep {cfg.name!r} has no results in {d} and no trial runs in MLflow ({cfg.mlflow_uri})")
+        print(f"# {d} has no results.csv: read {len(res)} trials from MLflow", file=sys.stderr)
     front = pareto.front(res)
     if a.json:
         print(json.dumps({"front": json.loads(front.to_json(orient="records")), "hypervolume": pareto.front_hypervolume(res),

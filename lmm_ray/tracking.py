@@ -210,3 +210,22 @@ class TrialLogger(Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         err = getattr(trial, "error_file", None) or ""
         self._end(trial, "failed", f"trial raised an error (see {err})" if err else "trial raised an error", "FAILED")
+
+
+def results_from_mlflow(uri: str, experiment: str, sweep: str) -> pd.DataFrame:
+    """The results table (one row per trial, as sweep.collect writes it) rebuilt from the child runs,
+    for sweeps whose results.csv is gone or was never written (a killed driver)."""
+    from lmm_ray import objective
+
+    rows = []
+    for r in child_runs(uri, experiment, sweep):
+        p, m, t = r.data.params, r.data.metrics, r.data.tags
+        row = {"trial_id": t.get("lmm_ray.trial_id"), "status": t.get("lmm_ray.status", "running"),
+               "reason": t.get("lmm_ray.reason", ""), "recipe": p.get("recipe"), "lr": float(p.get("lr", "nan"))}
+        row.update({f"param/{k[len('search.'):]}": v for k, v in p.items()
+                    if k.startswith("search.") and k not in ("search.recipe", "search.lr")})
+        for k in (*objective.AGGREGATES, "trainable", "total_params", "trainable_share"):
+            row[k] = m.get(k, float("nan"))
+        row["stages_completed"] = int(m.get("stage", 0))
+        rows.append(row)
+    return pd.DataFrame(rows)
