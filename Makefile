@@ -4,8 +4,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lmm_ray-installed
 
 .PHONY: sweep test install clean
+# Run again, it resumes the quickstart (an interrupted one continues, a finished one reprints its
+# results); `make sweep ARGS="name=another"` starts a new sweep.
 sweep: $(STAMP)  ## the main job: a sweep on the embedded default, ending in a Pareto table and an MLflow experiment
-	$(VENV)/bin/lmm-ray sweep sweeps/quickstart.yaml
+	$(VENV)/bin/lmm-ray sweep sweeps/quickstart.yaml $(if $(and $(wildcard runs/quickstart/tune/tuner.pkl),$(if $(ARGS),,1)),--resume) $(ARGS)
 
 test: $(STAMP)  ## the whole test suite (what CI runs)
 	$(PY) -m pytest -q
