@@ -179,7 +179,7 @@ class TrialLogger(Callback):
         c = client(self.uri)
         for i in range(0, len(metrics), 500):
             c.log_batch(run_id, metrics=metrics[i : i + 500])
-        if step == 1 or "trainable" in result and not c.get_run(run_id).data.params.get("trainable"):
+        if "trainable" in result:  # trainable count per role, as params (_params skips those already logged)
             _params(c, run_id, {k: result[k] for k in result if k.startswith("roles/") or k in ("trainable", "total_params")})
 
     def _end(self, trial, status: str, reason: str, mlflow_status: str):
