@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from lmm_ray import checkpoint, data, objective
+from lmm_ray import config as C
 from lmm_ray.optim import NonFiniteLoss, train_stage
 
 
@@ -73,9 +74,9 @@ class TrialSpec:
         return [s.name for s in self.stages]
 
 
-TRAIN_DEFAULTS = dict(batch_size=16, grad_accum=1, warmup_ratio=0.03, weight_decay=0.0, max_grad_norm=1.0,
-                      n_train=2048, precision="auto", seed=0, gradient_checkpointing=False)
-EVAL_DEFAULTS = dict(n_per_skill=64, batch_size=64, max_new_tokens=8, image_size=64, seed=10_000)
+# The sweep file's defaults (config.py is their one home); a TrialSpec may leave any key out.
+TRAIN_DEFAULTS = asdict(C.TrainConfig())
+EVAL_DEFAULTS = asdict(C.EvalConfig())
 
 
 # ---------------------------------------------------------------------------------------------
