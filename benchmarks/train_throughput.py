@@ -38,12 +38,12 @@ def load_avg() -> str:
 
 def prepare(model_ref: str, recipe: str, n: int):
     from lmm_ray import data, models, recipes, skills
-    from lmm_ray.train import EVAL_DEFAULTS
+    from lmm_ray.schema import EvalConfig
 
     loaded = models.load_model(model_ref)
     model, resolved = recipes.apply(loaded.model, loaded.family, recipe)
     # the image size a trial trains at (train.stage_pool)
-    encs = data.encode_train(loaded.processor, skills.generate("count", n, seed=0, image_size=EVAL_DEFAULTS["image_size"]))
+    encs = data.encode_train(loaded.processor, skills.generate("count", n, seed=0, image_size=EvalConfig().image_size))
     return loaded, model, resolved, encs
 
 

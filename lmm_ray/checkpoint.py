@@ -65,8 +65,15 @@ def to_full_model(ckpt: str | Path, out_dir: str | Path, model_ref: str | None =
     spec = recipes.RecipeSpec.from_dict(state["recipe_name"], state["recipe"])
     model, _ = recipes.apply(loaded.model, loaded.family, spec)
     restore(ckpt, model)
-    if hasattr(model, "merge_and_unload"):  # peft: fold the adapters into the base weights
+    return save_full_model(loaded, model, out_dir)
+
+
+def save_full_model(loaded, model, out_dir: str | Path) -> Path:
+    """Save a trained (recipe-applied) model as a plain `save_pretrained` folder with its tokenizer
+    and processor: LoRA adapters folded into the base weights, every parameter trainable again."""
+    if hasattr(model, "merge_and_unload"):  # peft
         model = model.merge_and_unload()
+    model = unwrap(model)
     for p in model.parameters():
         p.requires_grad_(True)
     loaded.model = model

@@ -13,12 +13,9 @@ import sys
 import time
 from pathlib import Path
 
+from lmm_ray.errors import ResultsNotFound, UserError
+
 EXIT_USAGE = 2
-
-
-class UserError(Exception):
-    """An error the user can fix; printed without a traceback."""
-
 
 def _fmt_int(n: int) -> str:
     return f"{n:,}"
@@ -144,11 +141,9 @@ def cmd_validate(a) -> int:
 
 
 def cmd_sweep(a) -> int:
-    from lmm_ray import sweep, validate
+    from lmm_ray import sweep
 
-    cfg = _load_cfg(a)
-    print(validate.check(cfg, address=a.address), flush=True)  # fails fast, before Ray starts
-    sweep.run(cfg, resume=a.resume, address=a.address)
+    sweep.run(_load_cfg(a), resume=a.resume, address=a.address)  # validates first, before Ray starts
     return 0
 
 
@@ -169,12 +164,12 @@ def _sweep_dir(ref: str) -> "Path":
 
 
 def cmd_pareto(a) -> int:
-    from lmm_ray import pareto
+    from lmm_ray import pareto, results
 
     d = _sweep_dir(a.sweep)
     try:
-        res, _ = pareto.load_results(d)
-    except FileNotFoundError:
+        res, _ = results.load_results(d)
+    except ResultsNotFound:
         if not Path(a.sweep).is_file():
             raise
         from lmm_ray import config, tracking
@@ -191,9 +186,7 @@ def cmd_pareto(a) -> int:
     else:
         print(f"# {d}: {len(res)} trials; * = Pareto-optimal (learning up, held-out change up, counting bias down)")
         print(pareto.format_table(res.sort_values("objective", ascending=False), front_ids=set(front["trial_id"])))
-        from lmm_ray.sweep import hypervolume_note
-
-        print(f"\n{hypervolume_note(res)}")
+        print(f"\n{results.hypervolume_note(res)}")
     if a.plot:
         print(f"plot: {pareto.plot_tradeoff(res, a.plot)}", file=sys.stderr)
     if a.export:
@@ -206,7 +199,7 @@ def cmd_pareto(a) -> int:
 def cmd_train(a) -> int:
     from lmm_ray import final
 
-    final.train_choice(a.sweep, a.recipe, a.output, overrides=a.overrides)
+    final.train_choice(a.sweep, a.choice, a.output, overrides=a.overrides)
     return 0
 
 
@@ -285,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train one chosen configuration through all stages and save the full model")
     t.add_argument("sweep", help="sweep YAML file (model, stages, evaluation)")
-    t.add_argument("--recipe", required=True, help="exported recipe YAML (lmm-ray pareto --export)")
+    t.add_argument("--choice", required=True, help="the picked trial's values, as `lmm-ray pareto --export` writes them")
     t.add_argument("--output", required=True, help="folder for the trained model (save_pretrained)")
     t.add_argument("overrides", nargs="*")
     t.set_defaults(fn=cmd_train)
@@ -299,10 +292,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from lmm_ray.config import ConfigError
-    from lmm_ray.recipes import RecipeError
-    from lmm_ray.registry import UnknownName
-
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may follow options (`train FILE --recipe R k=v`): argparse leaves them over.
@@ -313,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.fn(args) or 0)
-    except (UserError, RecipeError, UnknownName, FileNotFoundError, ConfigError) as e:
+    except UserError as e:
         print(f"lmm-ray {args.cmd}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -1,11 +1,12 @@
 """Checks that need the Ray cluster a sweep runs on: run right after connecting, before any trial.
 
     init_ray(cfg, address)
-    cluster.check_resources(cfg)          # one trial fits on the cluster (or on what it can scale to)
+    cluster.check_cluster_resources(cfg)  # one trial fits on the cluster (or on what it can scale to)
     cluster.check_storage(cfg.sweep_dir)  # every node sees the sweep folder (multi-node, local path)
 
-Both raise `ClusterError` (a ConfigError: the CLI prints it as `field: problem` + `fix:` and exits
-with code 2), so a sweep that cannot work fails in seconds instead of hanging on a placement group
+It also owns what one trial asks of a cluster: `worker_bundle` (one Ray Train worker) and
+`TRIAL_DRIVER_RESOURCES` (the Tune trial function that drives it). Both checks raise
+`ClusterError` (a ConfigError: the CLI prints it as `field: problem` + `fix:` and exits with code 2), so a sweep that cannot work fails in seconds instead of hanging on a placement group
 or failing at its first checkpoint (Ray Train writes checkpoints from every node into
 `storage_path` and does not sync local folders between nodes; shared/research/ray_stack.md Q5,
 pitfall 10).
@@ -15,31 +16,21 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import socket
 import sys
 import time
 import uuid
 from pathlib import Path
 
-from lmm_ray.config import ConfigError
+from lmm_ray.errors import ClusterError
+from lmm_ray.schema import is_uri
 
 MARKER_PREFIX = ".lmm_ray_storage_check-"
 PROBE_TIMEOUT_S = 120.0
 NODE_WAIT_S = 60.0  # nodes of a fixed-size cluster may still be joining when the sweep starts
 RAY_UP_CONFIG = "~/ray_bootstrap_config.yaml"  # the autoscaler's config on a `ray up` head node
 SKIP_RESOURCE_CHECK = "LMM_RAY_SKIP_RESOURCE_CHECK"
-_URI = re.compile(r"[a-z][a-z0-9+.-]*://")
 _EPS = 1e-6
-
-
-class ClusterError(ConfigError):
-    """The cluster cannot run this sweep as configured; `field` names the sweep key to change."""
-
-
-def is_uri(path: str) -> bool:
-    """s3://, gs://, ... (Ray reads and writes these through pyarrow from every node); file:// is local."""
-    return bool(_URI.match(str(path))) and not str(path).startswith("file://")
 
 
 def alive_nodes() -> list[dict]:
@@ -53,9 +44,14 @@ def alive_nodes() -> list[dict]:
 # Resources
 
 
-def worker_bundle(cfg) -> dict[str, float]:
-    """The resources of one Ray Train worker of a trial (what sweep._scaling asks for)."""
-    r = cfg.resources
+# The trial function only waits on its TorchTrainer; a sliver of a CPU lets Ray schedule it
+# (0 is refused) without holding a core that a training worker needs.
+TRIAL_DRIVER_RESOURCES = {"CPU": 0.01}
+
+
+def worker_bundle(resources) -> dict[str, float]:
+    """The resources of one Ray Train worker of a trial (a ResourcesConfig, or a SweepConfig)."""
+    r = getattr(resources, "resources", resources)
     bundle = {"CPU": float(r.cpus_per_worker)}
     if r.gpus_per_worker:
         bundle["GPU"] = float(r.gpus_per_worker)
@@ -69,15 +65,6 @@ def _fits(have: dict, bundle: dict) -> int:
         if need > 0:
             n = min(n, math.floor(float(have.get(k, 0.0)) / need + _EPS))
     return 0 if n is math.inf else int(n)
-
-
-def _driver_cpu() -> float:
-    try:
-        from lmm_ray.sweep import TRIAL_DRIVER_RESOURCES
-
-        return float(TRIAL_DRIVER_RESOURCES.get("CPU", 0.0))
-    except Exception:  # noqa: BLE001 - sweep.py is optional here; the sliver is 0.01 CPU
-        return 0.01
 
 
 def worker_slots(nodes: list[dict], bundle: dict, driver_cpu: float = 0.0) -> int:
@@ -154,7 +141,7 @@ def _describe(nodes: list[dict]) -> str:
     return "; ".join(parts)
 
 
-def check_resources(cfg, *, wait_s: float = NODE_WAIT_S) -> None:
+def check_cluster_resources(cfg, *, wait_s: float = NODE_WAIT_S) -> None:
     """Raise ClusterError unless the connected cluster can host one trial: `num_workers` workers of
     (cpus_per_worker CPU + gpus_per_worker GPU), each on a single node, plus the trial driver's
     sliver of a CPU. Passes if the alive nodes can hold it, or if the cluster's autoscaling limits
@@ -165,7 +152,7 @@ def check_resources(cfg, *, wait_s: float = NODE_WAIT_S) -> None:
         return
     r = cfg.resources
     bundle = worker_bundle(cfg)
-    driver = _driver_cpu()
+    driver = float(TRIAL_DRIVER_RESOURCES.get("CPU", 0.0))
     deadline = time.monotonic() + wait_s
     told = False
     while True:
@@ -280,4 +267,5 @@ def check_storage(sweep_dir: str, *, timeout_s: float = PROBE_TIMEOUT_S) -> None
     )
 
 
-__all__ = ["ClusterError", "is_uri", "alive_nodes", "worker_bundle", "worker_slots", "check_resources", "check_storage"]
+__all__ = ["ClusterError", "TRIAL_DRIVER_RESOURCES", "alive_nodes", "worker_bundle", "worker_slots", "check_cluster_resources",
+           "check_storage"]

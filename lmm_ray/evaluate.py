@@ -22,7 +22,7 @@ import torch
 
 from lmm_ray import data, probe
 from lmm_ray.skills.schema import Sample
-from lmm_ray.tokenizer import NUMBER_WORDS
+from lmm_ray.number_words import COUNT_WORDS
 
 EVAL_SEED_OFFSET = 10_000
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -37,9 +37,9 @@ def eval_seed(seed: int) -> int:
 # ---------------------------------------------------------------------------------------------
 # Answer normalisation
 
-_WORD_VALUE = {w: i for i, w in enumerate(NUMBER_WORDS)}  # zero..twenty, as the study's parse_count
+_WORD_VALUE = {w: i for i, w in enumerate(COUNT_WORDS)}  # zero..twenty, as the study's parse_count
 # [0-9], not \d: "٣" is not an answer the scorer should read as 3.
-_FIRST_NUMBER = re.compile(r"[0-9]+|\b(?:" + "|".join(NUMBER_WORDS) + r")\b")
+_FIRST_NUMBER = re.compile(r"[0-9]+|\b(?:" + "|".join(COUNT_WORDS) + r")\b")
 _ARTICLES = {"a", "an", "the"}
 _LETTER = re.compile(r"\b([A-Za-z])[.)]?\b")  # the study's cub200 letter regex
 _HMM = re.compile(r"([0-9]{1,2})\s*:\s*([0-9]{2})")

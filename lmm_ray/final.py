@@ -1,6 +1,6 @@
 """Train the chosen recipe: one configuration through every stage, without Tune, saved as a full model.
 
-The recipe file is what `lmm-ray pareto --export` writes (plain values: recipe, lr, ...), so
+The choice file is what `lmm-ray pareto --export` writes (plain values: recipe, lr, ...), so
 the run is exactly one trial of the sweep, with the same stages, data and evaluation. The output
 folder is a `save_pretrained` folder (model, tokenizer, processor) that transformers loads like
 any checkpoint, plus `lmm_ray_metrics.json` (the per-stage history); per-stage metrics also go to
@@ -13,23 +13,25 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from lmm_ray import config as C
 from lmm_ray import tracking
-from lmm_ray.cli import UserError
+from lmm_ray.config import load_sweep
+from lmm_ray.errors import UserError
+from lmm_ray.space import load_search_space
 
 
-def train_choice(sweep_file: str, recipe_file: str, output: str, overrides=(), log_mlflow: bool = True) -> list[dict]:
-    from lmm_ray import checkpoint, sweep
-    from lmm_ray.train import TrialSpec, prepare, run_trial
+def train_choice(sweep_file: str, choice_file: str, output: str, overrides=(), log_mlflow: bool = True) -> list[dict]:
+    from lmm_ray import checkpoint
+    from lmm_ray.train import prepare, run_trial
+    from lmm_ray.trial import trial_spec
 
-    cfg = C.load_sweep(sweep_file, list(overrides))
-    space = C.load_search_space(recipe_file, cfg.recipes_file)
+    cfg = load_sweep(sweep_file, list(overrides))
+    space = load_search_space(choice_file, cfg.recipes_file)
     if space.searched:
-        raise UserError(f"{recipe_file}: {', '.join(space.searched)} still vary; a recipe to train must fix every value "
+        raise UserError(f"{choice_file}: {', '.join(space.searched)} still vary; a recipe to train must fix every value "
                         "(write the file with `lmm-ray pareto SWEEP --export FILE`)")
     cfg = replace(cfg, search_space=space)
     sampled = space.example()
-    spec = TrialSpec.from_dict(sweep.trial_spec(cfg, sampled, trial_id="final").to_dict())
+    spec = trial_spec(cfg, sampled, trial_id="final")
     out = Path(output)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--output {out} exists and is not empty; choose a new folder")
@@ -57,14 +59,8 @@ def train_choice(sweep_file: str, recipe_file: str, output: str, overrides=(), l
 
     loaded, model, resolved = prepare(spec)
     history = run_trial(spec, report, loaded=loaded, model=model, resolved=resolved)
-    if hasattr(model, "merge_and_unload"):  # LoRA: fold the adapters into the base weights
-        model = model.merge_and_unload()
-    model = checkpoint.unwrap(model)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    loaded.model = model
     out.mkdir(parents=True, exist_ok=True)
-    loaded.save(out)
+    checkpoint.save_full_model(loaded, model, out)
     (out / "lmm_ray_metrics.json").write_text(json.dumps({"recipe": sampled, "history": history}, indent=1))
     if client is not None:
         client.set_terminated(run_id, "FINISHED")

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-OBJECTIVES = (("learning", "max"), ("heldout_change", "max"), ("counting_bias", "min"))
+from lmm_ray.objective import VECTOR as OBJECTIVES  # (learning up, held-out change up, counting bias down)
 PICKS = ("knee", "max-learning", "min-forgetting")
 SENSES = ("max", "min")
 
@@ -322,25 +322,3 @@ def export_recipe(row, path, sweep: str | None = None, how: str | None = None) -
     body = yaml.safe_dump(recipe, sort_keys=False, default_flow_style=False)  # floats dump as repr
     Path(path).write_text("\n".join(header) + "\n" + body)
     return recipe
-
-
-def load_results(storage_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Read a sweep's `results.csv` and `stages.csv` from its storage folder."""
-    folder = Path(storage_dir)
-    for name in ("results.csv", "stages.csv"):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(
-                f"no {name} in {folder}: the sweep may not have finished any trial yet, "
-                "or this is not a sweep's storage folder"
-            )
-    results = pd.read_csv(folder / "results.csv", dtype={"trial_id": str, "recipe": str})
-    stages = pd.read_csv(folder / "stages.csv", dtype={"trial_id": str, "skill": str})
-    stages["skill"] = stages["skill"].fillna("")  # stage 0 (base) trained no skill
-    # CSV turns an int param with gaps (a conditional one such as lora_rank) into floats; give
-    # it back its integers so an exported recipe says `lora_rank: 8`, not `8.0`.
-    for c in results.columns:
-        col = results[c]
-        if c.startswith("param/") and col.dtype.kind == "f" and col.notna().any():
-            if (col.dropna() % 1 == 0).all():
-                results[c] = col.astype("Int64")
-    return results, stages

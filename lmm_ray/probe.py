@@ -5,7 +5,7 @@ for the held-out prompts: the probe never runs its own pass over the data.
 
 - `probe/number_mass`: mean over held-out prompts whose answer is NOT a number of the total
   softmax probability on number tokens. The study's counting bias is its change from base:
-  `probe/counting_bias` = number_mass - base number_mass.
+  `probe/number_mass_change` = number_mass - base number_mass.
 - `probe/kl_base`: mean KL(base || model) of the first-answer-token distribution. The bias
   alone misses forgetting when the output head is frozen (the distribution diffuses instead of
   moving to numbers, see research/tiny_lmm.md §5), hence also
@@ -28,11 +28,8 @@ from typing import Sequence
 
 import torch
 
-NUMBER_WORDS = (
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
-    "sixteen seventeen eighteen nineteen twenty thirty forty fifty sixty seventy eighty ninety "
-    "hundred thousand million billion"
-).split()
+from lmm_ray.number_words import NUMBER_WORDS
+
 _NUMBER_WORDS = frozenset(NUMBER_WORDS)
 # [0-9], not \d: the study skips tokens with non-ASCII digits ("３", "٣"), and so do we.
 _NUMERIC = re.compile(r"[0-9]+|[0-9]+(?:st|nd|rd|th)|[0-9]+\.[0-9]+|[0-9]{1,3}(?:,[0-9]{3})+")
@@ -168,7 +165,7 @@ def probe_stats(first_logits: torch.Tensor, is_number_answer: torch.Tensor, gold
     """Probe metrics over held-out prompts (rows of `first_logits`, [P, V]).
 
     Keys: probe/number_mass, probe/entropy, probe/first_token_acc, probe/heldout_acc_no_numbers,
-    and with a base probe/counting_bias and probe/kl_base. A statistic defined over non-number
+    and with a base probe/number_mass_change and probe/kl_base. A statistic defined over non-number
     prompts is left out when there are none, rather than reported as 0.
     """
     if first_logits.ndim != 2 or first_logits.shape[0] == 0:
@@ -196,7 +193,7 @@ def probe_stats(first_logits: torch.Tensor, is_number_answer: torch.Tensor, gold
                              "build it from the base model's report on the same eval sets")
         out["probe/kl_base"] = base.kl(logp).mean().item()
         if mass is not None and base.number_mass is not None:
-            out["probe/counting_bias"] = mass - base.number_mass
+            out["probe/number_mass_change"] = mass - base.number_mass
     for k, v in out.items():
         if not math.isfinite(v):
             raise ValueError(f"{k} is not finite ({v}): the logits contain NaN or inf")

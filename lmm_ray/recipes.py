@@ -16,12 +16,9 @@ from typing import Any
 
 import yaml
 
+from lmm_ray.errors import RecipeError
 from lmm_ray.families import ROLE_ORDER, Family
 from lmm_ray.registry import Registry, did_you_mean
-
-
-class RecipeError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)

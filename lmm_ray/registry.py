@@ -5,10 +5,12 @@ from __future__ import annotations
 import difflib
 from typing import Callable, Generic, Iterator, TypeVar
 
+from lmm_ray.errors import UserError
+
 T = TypeVar("T")
 
 
-class UnknownName(KeyError):
+class UnknownName(UserError, KeyError):
     """Raised for a name that is not registered; the message lists the valid choices."""
 
     def __str__(self) -> str:  # KeyError quotes its message; we want it readable

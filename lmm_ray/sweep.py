@@ -13,45 +13,20 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
 from ray.tune import CLIReporter
 from ray.tune.search.optuna import OptunaSearch
 
-from lmm_ray import config as C
-from lmm_ray import objective, tracking
-from lmm_ray.cli import UserError
-from lmm_ray.train import HeldoutSpec, StageSpec, TrialSpec
+from lmm_ray import cluster, objective, results, tracking
+from lmm_ray.config import SweepConfig
+from lmm_ray.errors import SweepError
+from lmm_ray.results import Store
+from lmm_ray.schema import is_uri
+from lmm_ray.trial import trial_spec
 
-# The trial function only waits on its TorchTrainer; a sliver of a CPU lets Ray schedule it
-# (0 is refused) without holding a core that a training worker needs.
-TRIAL_DRIVER_RESOURCES = {"CPU": 0.01}
 TUNE_DIR = "tune"
-
-
-class SweepError(UserError):
-    pass
-
-
-def trial_spec(cfg: "C.SweepConfig", sampled: dict, trial_id: str = "local") -> TrialSpec:
-    """The concrete, self-contained description of one trial (what the workers receive)."""
-    recipe = C.trial_recipe(cfg, sampled)
-    train = C.trial_train(cfg.train, sampled)
-    return TrialSpec(
-        model=cfg.model,
-        recipe_name=recipe.name,
-        recipe=recipe.to_dict(),
-        lr=float(sampled["lr"]),
-        stages=[StageSpec(s.name, s.skill, s.data, s.eval_data, s.steps, s.epochs) for s in cfg.stages],
-        heldout=[HeldoutSpec(h.name, h.skill, h.data) for h in cfg.heldout],
-        train=asdict(train),
-        eval=asdict(cfg.eval),
-        lam=cfg.objective.lam,
-        mu=cfg.objective.mu,
-        trial_id=trial_id,
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,7 +50,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_ray(cfg: "C.SweepConfig", address: str | None = None) -> None:
+def init_ray(cfg: SweepConfig, address: str | None = None) -> None:
     import ray
 
     if ray.is_initialized():
@@ -104,14 +79,12 @@ def init_ray(cfg: "C.SweepConfig", address: str | None = None) -> None:
     )
 
 
-def _scaling(cfg: "C.SweepConfig"):
+def _scaling(cfg: SweepConfig):
     import ray.train
 
     r = cfg.resources
-    per_worker = {"CPU": r.cpus_per_worker}
-    if r.gpus_per_worker:
-        per_worker["GPU"] = r.gpus_per_worker
-    return ray.train.ScalingConfig(num_workers=r.num_workers, use_gpu=r.gpus_per_worker > 0, resources_per_worker=per_worker)
+    return ray.train.ScalingConfig(num_workers=r.num_workers, use_gpu=r.gpus_per_worker > 0,
+                                   resources_per_worker=cluster.worker_bundle(r))
 
 
 def quiet_train_loop(config: dict) -> None:
@@ -131,14 +104,14 @@ def quiet_train_loop(config: dict) -> None:
     train_loop_per_worker(config)
 
 
-def make_trial_fn(cfg: "C.SweepConfig", base_packed: dict):
+def make_trial_fn(cfg: SweepConfig, base_packed: dict):
     """The Tune trial: builds the trial's TorchTrainer and runs it to the end."""
     import ray.train
     import ray.train.torch
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    storage = str(Path(cfg.sweep_dir) / "train") if "://" not in cfg.sweep_dir else cfg.sweep_dir.rstrip("/") + "/train"
+    storage = cfg.sweep_dir.rstrip("/") + "/train" if is_uri(cfg.sweep_dir) else str(Path(cfg.sweep_dir) / "train")
 
     def trial(sampled: dict) -> None:
         tid = ray.tune.get_context().get_trial_id()
@@ -192,7 +165,7 @@ class StageAwareOptunaSearch(OptunaSearch):
         super().on_trial_complete(trial_id, result, error)
 
 
-def make_searcher(cfg: "C.SweepConfig"):
+def make_searcher(cfg: SweepConfig):
     import optuna
 
     s = cfg.search
@@ -204,7 +177,7 @@ def make_searcher(cfg: "C.SweepConfig"):
     }
     sampler = samplers[s.algorithm]()
     storage = None
-    if "://" not in cfg.sweep_dir:  # the Optuna study lives beside the sweep, so it can be reopened
+    if not is_uri(cfg.sweep_dir):  # the Optuna study lives beside the sweep, so it can be reopened
         storage = optuna.storages.RDBStorage(f"sqlite:///{Path(cfg.sweep_dir).resolve() / 'optuna.db'}")
     if cfg.objective.mode == "multi":
         names = [n for n, _ in objective.VECTOR]
@@ -250,7 +223,7 @@ class StageReporter(CLIReporter):
         return super().should_report(trials, done)
 
 
-def make_reporter(cfg: "C.SweepConfig") -> StageReporter:
+def make_reporter(cfg: SweepConfig) -> StageReporter:
     # No metric/mode here: Tune hands the reporter TuneConfig's (scalar mode: the objective, so the
     # status shows the best trial so far) and refuses a reporter that has its own.
     return StageReporter(
@@ -260,7 +233,7 @@ def make_reporter(cfg: "C.SweepConfig") -> StageReporter:
     )
 
 
-def make_scheduler(cfg: "C.SweepConfig"):
+def make_scheduler(cfg: SweepConfig):
     if cfg.scheduler.type != "asha":
         return None
     from ray.tune.schedulers import ASHAScheduler
@@ -271,150 +244,17 @@ def make_scheduler(cfg: "C.SweepConfig"):
 
 
 # ---------------------------------------------------------------------------------------------
-# The sweep's folder
 
 
-class Store:
-    """The sweep's folder: a local path, or a URI that pyarrow reaches (s3://, gs://, ...) so a
-    multi-node sweep keeps its tables next to the Tune state every node writes."""
-
-    def __init__(self, root: str):
-        self.root = root.rstrip("/")
-        self.is_uri = "://" in root
-        if self.is_uri:
-            import pyarrow.fs
-
-            self.fs, self.base = pyarrow.fs.FileSystem.from_uri(self.root)
-        else:
-            self.local = Path(root)
-
-    def exists(self, rel: str) -> bool:
-        if not self.is_uri:
-            return (self.local / rel).exists()
-        import pyarrow.fs
-
-        return self.fs.get_file_info(f"{self.base}/{rel}").type != pyarrow.fs.FileType.NotFound
-
-    def read_text(self, rel: str) -> str:
-        if not self.is_uri:
-            return (self.local / rel).read_text()
-        with self.fs.open_input_stream(f"{self.base}/{rel}") as f:
-            return f.read().decode()
-
-    def write_text(self, rel: str, text: str) -> None:
-        if not self.is_uri:
-            self.local.mkdir(parents=True, exist_ok=True)
-            (self.local / rel).write_text(text)
-            return
-        self.fs.create_dir(self.base, recursive=True)
-        with self.fs.open_output_stream(f"{self.base}/{rel}") as f:
-            f.write(text.encode())
-
-    def put(self, local_file: Path, rel: str) -> None:
-        with open(local_file, "rb") as src, self.fs.open_output_stream(f"{self.base}/{rel}") as dst:
-            dst.write(src.read())
-
-
-# ---------------------------------------------------------------------------------------------
-# Results
-
-
-def collect(results, cfg: "C.SweepConfig", base_metrics: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(results table: one row per trial, stage table: one row per trial and stage incl. stage 0)."""
-    rows, stages = [], []
-    heldout_names = [h.name for h in cfg.heldout]
-    S = len(cfg.stages)
-    for r in results:
-        cfgd = r.config or {}
-        last = r.metrics or {}
-        tid = last.get("trial_id") or (r.path.rstrip("/").split("_")[-2] if r.path else "?")
-        status, reason = tracking.trial_status(last, S)
-        if r.error is not None:
-            status, reason = "failed", f"{type(r.error).__name__}: {str(r.error).splitlines()[0][:300]}"
-        row = {"trial_id": tid, "status": status, "reason": reason, "recipe": cfgd.get("recipe"), "lr": cfgd.get("lr")}
-        row.update({f"param/{k}": v for k, v in cfgd.items() if k not in ("recipe", "lr")})
-        for k in (*objective.AGGREGATES, "trainable", "total_params", "trainable_share"):
-            row[k] = last.get(k, float("nan"))
-        row["stages_completed"] = int(last.get("stage", 0))
-        rows.append(row)
-        df = r.metrics_dataframe
-        if df is not None and len(df):
-            df = df.drop_duplicates("stage", keep="last")
-            base_row = {"trial_id": tid, "stage": 0, "skill": "", **base_metrics}
-            stages.append(base_row)
-            for _, m in df.iterrows():
-                stages.append({"trial_id": tid, "stage": int(m["stage"]), "skill": m.get("stage_skill", ""),
-                               **{k: m[k] for k in df.columns if k.startswith(("target/", "heldout/", "probe/"))}})
-    res = pd.DataFrame(rows)
-    st = pd.DataFrame(stages)
-    if len(st):
-        st["heldout_mean"] = st[[f"heldout/{h}/acc" for h in heldout_names if f"heldout/{h}/acc" in st]].mean(axis=1)
-    return res, st
-
-
-def hypervolume_note(res: pd.DataFrame) -> str:
-    from lmm_ray import pareto
-
-    hv = pareto.front_hypervolume(res)
-    # The volume only counts trials that beat the base on all three objectives at once.
-    return f"hypervolume vs the base {hv:.4g}" + (" (no trial improves on the base in every objective)" if hv == 0 else "")
-
-
-def summarize(cfg: "C.SweepConfig", res: pd.DataFrame, st: pd.DataFrame, parent_id: str | None,
-              store: "Store | None" = None) -> str:
-    """Write tables and plots, log them to the parent run, and return the text shown to the user."""
-    import tempfile
-
-    from lmm_ray import pareto
-
-    store = store or Store(cfg.sweep_dir)
-    out = store.local if not store.is_uri else Path(tempfile.mkdtemp(prefix="lmm_ray-summary-"))
-    res.to_csv(out / "results.csv", index=False)
-    st.to_csv(out / "stages.csv", index=False)
-    front = pareto.front(res) if (res["status"] == "finished").any() else res.iloc[0:0]
-    lines = [f"\n== sweep {cfg.name}: {len(res)} trials ({', '.join(f'{n} {s}' for s, n in res['status'].value_counts().items())})"]
-    # finished trials first: the objective of a stopped trial is an early stage's, not comparable
-    shown = res.assign(_unfinished=res["status"] != "finished").sort_values(["_unfinished", "objective"], ascending=[True, False])
-    lines.append(pareto.format_table(shown.drop(columns="_unfinished"), front_ids=set(front["trial_id"])))
-    lines.append(f"\n== Pareto-optimal trials (learning up, held-out change up, counting bias down); {hypervolume_note(res)}:")
-    lines.append(pareto.format_table(front) if len(front) else "(no finished trial)")
-    files = [out / "results.csv", out / "stages.csv"]
-    if len(front):
-        front.to_csv(out / "pareto.csv", index=False)
-        files.append(out / "pareto.csv")
-        files.append(pareto.plot_tradeoff(res, out / "tradeoff.png"))
-        labels = [f"{r.recipe} lr={r.lr:.1e}" for r in front.itertuples()]
-        files.append(pareto.plot_stages(st, list(front["trial_id"]), labels, out / "heldout_by_stage.png"))
-    if store.is_uri:
-        for f in files:
-            store.put(f, f.name)
-    if parent_id:
-        for f in files:
-            tracking.log_artifact(cfg.mlflow_uri, parent_id, f)
-        # Among finished trials: a stopped trial's objective is that of an early stage (before later
-        # stages add forgetting) and would usually "win".
-        done = res[res["status"] == "finished"]
-        best = (done if len(done) else res).sort_values("objective", ascending=False).iloc[0]
-        c = tracking.client(cfg.mlflow_uri)
-        c.log_metric(parent_id, "best_objective", float(best["objective"]))
-        c.log_metric(parent_id, "front_size", len(front))
-        c.set_tag(parent_id, "best_trial", str(best["trial_id"]))
-    lines.append(f"\nresults: {cfg.sweep_dir}/results.csv\nMLflow:  experiment {cfg.experiment!r} at {cfg.mlflow_uri}"
-                 f"\n         open it with: lmm-ray ui {cfg.sweep_dir}")
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-
-
-def run(cfg: "C.SweepConfig", *, resume: bool = False, address: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+def run(cfg: SweepConfig, *, resume: bool = False, address: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Validate (once), start or connect to Ray, run or resume the sweep, print and log its results."""
     import ray
     import ray.tune
 
     from lmm_ray import validate
     from lmm_ray.train import base_evaluation, pack_base, unpack_base
 
-    validate.check(cfg, address=address)  # everything that can fail before Ray starts
+    print(validate.check(cfg, address=address), flush=True)  # everything that can fail before Ray starts
     store = Store(cfg.sweep_dir)
     started = store.exists(TUNE_DIR)
     if resume and not store.exists(f"{TUNE_DIR}/tuner.pkl"):
@@ -425,11 +265,9 @@ def run(cfg: "C.SweepConfig", *, resume: bool = False, address: str | None = Non
     t0 = time.time()
     init_ray(cfg, address)
     try:
-        from lmm_ray import cluster
-
         # On a cluster: refuse, before anything is written or booked, a trial that cannot fit or a
         # storage path that some node cannot see.
-        cluster.check_resources(cfg)
+        cluster.check_cluster_resources(cfg)
         cluster.check_storage(cfg.sweep_dir)
         store.write_text("sweep.json", json.dumps(cfg.to_dict(), indent=1, default=str))
         parent = tracking.parent_run(cfg.mlflow_uri, cfg.experiment, cfg.name, cfg.to_dict(),
@@ -445,7 +283,7 @@ def run(cfg: "C.SweepConfig", *, resume: bool = False, address: str | None = Non
             packed = ray.get(task.remote(trial_spec(cfg, cfg.search_space.example())))
             store.write_text("base_eval.json", json.dumps({**packed, "probe": packed["probe"].hex()}))
         base_metrics, _ = unpack_base(packed)
-        trainable = ray.tune.with_resources(make_trial_fn(cfg, packed), TRIAL_DRIVER_RESOURCES)
+        trainable = ray.tune.with_resources(make_trial_fn(cfg, packed), cluster.TRIAL_DRIVER_RESOURCES)
         logger = tracking.TrialLogger(cfg.mlflow_uri, cfg.experiment, cfg.name, parent, _flat_config(cfg), len(cfg.stages))
         if resume:
             tuner = ray.tune.Tuner.restore(f"{cfg.sweep_dir.rstrip('/')}/{TUNE_DIR}", trainable=trainable,
@@ -468,14 +306,16 @@ def run(cfg: "C.SweepConfig", *, resume: bool = False, address: str | None = Non
         prev_output = os.environ.get("RAY_AIR_NEW_OUTPUT")
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
         try:
-            results = tuner.fit()
+            results_grid = tuner.fit()
         finally:
             if prev_output is None:
                 os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
             else:
                 os.environ["RAY_AIR_NEW_OUTPUT"] = prev_output
-        res, st = collect(results, cfg, base_metrics)
-        print(summarize(cfg, res, st, parent, store))
+        res, st = results.collect(results_grid, cfg, base_metrics)
+        text, files, front = results.write_tables(cfg, res, st, store)
+        tracking.log_summary(cfg.mlflow_uri, parent, files, results.finished_best(res), len(front))
+        print(text)
         print(f"\nwall time {time.time() - t0:.0f} s", file=sys.stderr)
         tracking.finish_parent(cfg.mlflow_uri, parent)
         return res, st
@@ -483,5 +323,5 @@ def run(cfg: "C.SweepConfig", *, resume: bool = False, address: str | None = Non
         ray.shutdown()
 
 
-def _flat_config(cfg: "C.SweepConfig") -> dict:
+def _flat_config(cfg: SweepConfig) -> dict:
     return tracking._flat(cfg.to_dict(), "sweep.")

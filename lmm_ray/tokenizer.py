@@ -14,6 +14,8 @@ import re
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from lmm_ray.number_words import COUNT_WORDS
+
 SPECIALS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>",
     "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",  # qwen2.x-vl
@@ -21,10 +23,6 @@ SPECIALS = [
     "<img>", "</img>", "<IMG_CONTEXT>",  # internvl
 ]
 
-NUMBER_WORDS = [
-    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
-    "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty",
-]
 
 CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -58,7 +56,7 @@ def corpus() -> list[str]:
             words.update(re.findall(r"[a-z]+", (s.question + " " + s.answer + " " + " ".join(s.choices)).lower()))
             words.update(s.choices)
             words.add(s.answer)
-    words.update(NUMBER_WORDS)
+    words.update(COUNT_WORDS)
     words.update(str(i) for i in range(100))
     words.update(["user", "assistant", "system", "you", "are", "a", "helpful"])
     for w in sorted(words):

@@ -17,6 +17,8 @@ from typing import Any
 import pandas as pd
 from ray.tune import Callback
 
+from lmm_ray import results
+
 PARENT = "parent"
 CHILD = "trial"
 
@@ -102,15 +104,6 @@ def child_runs(uri: str, experiment: str, sweep: str) -> list:
     if exp is None:
         return []
     return c.search_runs([exp.experiment_id], f"tags.`lmm_ray.sweep` = '{sweep}' and tags.`lmm_ray.role` = '{CHILD}'", max_results=5000)
-
-
-def trial_status(last: dict, stages_total: int) -> tuple[str, str]:
-    """(status, reason) of a trial from its last reported result."""
-    if last.get("failed"):
-        return "failed", str(last.get("failure_reason", ""))
-    if int(last.get("stage", 0)) < stages_total:
-        return "stopped", "stopped early by the scheduler"
-    return "finished", ""
 
 
 class TrialLogger(Callback):
@@ -204,7 +197,7 @@ class TrialLogger(Callback):
         return None
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        status, reason = trial_status(trial.last_result or {}, self.stages_total)
+        status, reason = results.trial_status(trial.last_result or {}, self.stages_total)
         self._end(trial, status, reason, "FAILED" if status == "failed" else "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -212,20 +205,24 @@ class TrialLogger(Callback):
         self._end(trial, "failed", f"trial raised an error (see {err})" if err else "trial raised an error", "FAILED")
 
 
-def results_from_mlflow(uri: str, experiment: str, sweep: str) -> pd.DataFrame:
-    """The results table (one row per trial, as sweep.collect writes it) rebuilt from the child runs,
-    for sweeps whose results.csv is gone or was never written (a killed driver)."""
-    from lmm_ray import objective
+def log_summary(uri: str, parent_id: str, files, best, front_size: int) -> None:
+    """The sweep's tables and plots as artifacts of its parent run, with the best trial."""
+    for f in files:
+        log_artifact(uri, parent_id, f)
+    c = client(uri)
+    c.log_metric(parent_id, "best_objective", float(best["objective"]))
+    c.log_metric(parent_id, "front_size", front_size)
+    c.set_tag(parent_id, "best_trial", str(best["trial_id"]))
 
+
+def results_from_mlflow(uri: str, experiment: str, sweep: str) -> pd.DataFrame:
+    """The results table (results.result_row per trial) rebuilt from the child runs, for sweeps
+    whose results.csv is gone or was never written (a killed driver)."""
     rows = []
     for r in child_runs(uri, experiment, sweep):
         p, m, t = r.data.params, r.data.metrics, r.data.tags
-        row = {"trial_id": t.get("lmm_ray.trial_id"), "status": t.get("lmm_ray.status", "running"),
-               "reason": t.get("lmm_ray.reason", ""), "recipe": p.get("recipe"), "lr": float(p.get("lr", "nan"))}
-        row.update({f"param/{k[len('search.'):]}": v for k, v in p.items()
-                    if k.startswith("search.") and k not in ("search.recipe", "search.lr")})
-        for k in (*objective.AGGREGATES, "trainable", "total_params", "trainable_share"):
-            row[k] = m.get(k, float("nan"))
-        row["stages_completed"] = int(m.get("stage", 0))
-        rows.append(row)
+        config = {"recipe": p.get("recipe"), "lr": p.get("lr", "nan"),
+                  **{k[len("search."):]: v for k, v in p.items() if k.startswith("search.") and k not in ("search.recipe", "search.lr")}}
+        rows.append(results.result_row(t.get("lmm_ray.trial_id"), t.get("lmm_ray.status", "running"),
+                                       t.get("lmm_ray.reason", ""), config, m))
     return pd.DataFrame(rows)

@@ -11,72 +11,16 @@ Per stage s: build the stage's training pool, train, evaluate every target and h
 from __future__ import annotations
 
 import copy
-import json
-import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from lmm_ray import checkpoint, data, objective
-from lmm_ray import config as C
 from lmm_ray.optim import NonFiniteLoss, train_stage
-
-
-@dataclass
-class StageSpec:
-    name: str
-    skill: str | None = None  # generated skill, or
-    data: dict | None = None  # a loaders.load_samples source (real data)
-    eval_data: dict | None = None
-    steps: int | None = None
-    epochs: float | None = None
-
-
-@dataclass
-class HeldoutSpec:
-    name: str
-    skill: str | None = None
-    data: dict | None = None
-
-
-@dataclass
-class TrialSpec:
-    """Everything one trial needs, as plain data (it travels to Ray workers as a dict)."""
-
-    model: str
-    recipe_name: str
-    recipe: dict  # RecipeSpec.to_dict()
-    lr: float
-    stages: list[StageSpec]
-    heldout: list[HeldoutSpec]
-    train: dict = field(default_factory=dict)  # batch_size, grad_accum, warmup_ratio, weight_decay, max_grad_norm, n_train, precision, seed, gradient_checkpointing
-    eval: dict = field(default_factory=dict)  # n_per_skill, batch_size, max_new_tokens, image_size, seed
-    lam: float = 1.0
-    mu: float = 100.0
-    trial_id: str = "local"
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrialSpec":
-        d = dict(d)
-        d["stages"] = [StageSpec(**s) for s in d["stages"]]
-        d["heldout"] = [HeldoutSpec(**h) for h in d["heldout"]]
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @property
-    def targets(self) -> list[str]:
-        return [s.name for s in self.stages]
-
-
-# The sweep file's defaults (config.py is their one home); a TrialSpec may leave any key out.
-TRAIN_DEFAULTS = asdict(C.TrainConfig())
-EVAL_DEFAULTS = asdict(C.EvalConfig())
+from lmm_ray.trial import TrialSpec
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,31 +38,23 @@ def _samples(name: str, skill: str | None, source: dict | None, n: int, seed: in
 
 def eval_samples(spec: TrialSpec) -> tuple[dict, dict]:
     """{name: samples} and {name: "target"|"heldout"} for every skill a trial evaluates."""
-    ev = {**EVAL_DEFAULTS, **spec.eval}
+    ev = spec.eval
     out, kinds = {}, {}
     for st in spec.stages:
         src = st.eval_data if st.data is not None else None
         if st.data is not None and src is None:
             raise ValueError(f"stage {st.name!r} trains on real data but has no eval_data to measure it on")
-        out[st.name] = _samples(st.name, st.skill, src, ev["n_per_skill"], ev["seed"], ev["image_size"])
+        out[st.name] = _samples(st.name, st.skill, src, ev.n_per_skill, ev.seed, ev.image_size)
         kinds[st.name] = "target"
     for h in spec.heldout:
-        out[h.name] = _samples(h.name, h.skill, h.data, ev["n_per_skill"], ev["seed"], ev["image_size"])
+        out[h.name] = _samples(h.name, h.skill, h.data, ev.n_per_skill, ev.seed, ev.image_size)
         kinds[h.name] = "heldout"
     return out, kinds
 
 
 def stage_pool(spec: TrialSpec, s: int):
-    tr = {**TRAIN_DEFAULTS, **spec.train}
     st = spec.stages[s]
-    return _samples(st.name, st.skill, st.data, tr["n_train"], tr["seed"], {**EVAL_DEFAULTS, **spec.eval}["image_size"])
-
-
-def stage_steps(spec: TrialSpec, s: int, pool_size: int) -> int:
-    st = spec.stages[s]
-    if st.steps is not None:
-        return int(st.steps)
-    return max(1, math.ceil(float(st.epochs) * pool_size / int({**TRAIN_DEFAULTS, **spec.train}["batch_size"])))
+    return _samples(st.name, st.skill, st.data, spec.train.n_train, spec.train.seed, spec.eval.image_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,8 +69,8 @@ def base_evaluation(spec: TrialSpec, loaded=None, eval_sets=None):
     if eval_sets is None:
         samples, kinds = eval_samples(spec)
         eval_sets = evaluate.build_eval_sets(loaded.processor, samples, kinds)
-    ev = {**EVAL_DEFAULTS, **spec.eval}
-    report = evaluate.evaluate(loaded.model, loaded.processor, eval_sets, batch_size=ev["batch_size"], max_new_tokens=ev["max_new_tokens"])
+    report = evaluate.evaluate(loaded.model, loaded.processor, eval_sets, batch_size=spec.eval.batch_size,
+                               max_new_tokens=spec.eval.max_new_tokens)
     probe_base = probe.ProbeBase.from_report(report)
     report.set_probe_base(probe_base)  # stage 0 gets the same keys as later stages (KL and bias 0)
     return report.metrics(), probe_base
@@ -166,10 +102,9 @@ def prepare(spec: TrialSpec, device: torch.device | None = None):
     from lmm_ray import models, recipes
 
     loaded = models.load_model(spec.model)
-    rspec = recipes.RecipeSpec.from_dict(spec.recipe_name, spec.recipe)
-    if {**TRAIN_DEFAULTS, **spec.train}["gradient_checkpointing"]:
+    if spec.train.gradient_checkpointing:
         loaded.model.gradient_checkpointing_enable()
-    model, resolved = recipes.apply(loaded.model, loaded.family, rspec)
+    model, resolved = recipes.apply(loaded.model, loaded.family, spec.recipe)
     if device is not None:
         model.to(device)
     return loaded, model, resolved
@@ -195,8 +130,7 @@ def run_trial(
     if model is None:
         loaded, model, resolved = prepare(spec)
     train_model = ddp_model or model
-    tr = {**TRAIN_DEFAULTS, **spec.train}
-    ev = {**EVAL_DEFAULTS, **spec.eval}
+    tr, ev, rspec = spec.train, spec.eval, spec.recipe
     samples, kinds = eval_samples(spec)
     eval_sets = evaluate.build_eval_sets(loaded.processor, samples, kinds)
     if base is None:  # a plain run: evaluate the base here (the recipe has not changed any weight yet)
@@ -215,39 +149,38 @@ def run_trial(
         return history
 
     for s in range(start, len(spec.stages)):
-        rspec = spec.recipe
         pool = data.encode_train(loaded.processor, stage_pool(spec, s))
-        steps = stage_steps(spec, s, len(pool))
-        teacher = copy.deepcopy(model).eval() if rspec.get("lwf") else None
-        prev = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad} if rspec.get("wise_ft") else None
+        steps = spec.stage_steps(s, len(pool))
+        teacher = copy.deepcopy(model).eval() if rspec.lwf else None
+        prev = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad} if rspec.wise_ft else None
         try:
             stats = train_stage(
-                train_model, pool, steps=steps, lr=spec.lr, batch_size=tr["batch_size"], grad_accum=tr["grad_accum"],
-                weight_decay=tr["weight_decay"], warmup_ratio=tr["warmup_ratio"], max_grad_norm=tr["max_grad_norm"],
-                precision=tr["precision"], pad_id=pad_id, seed=tr["seed"], stage=s + 1, rank=rank,
-                world_size=world_size, teacher=teacher, lwf=rspec.get("lwf"),
+                train_model, pool, steps=steps, lr=spec.lr, batch_size=tr.batch_size, grad_accum=tr.grad_accum,
+                weight_decay=tr.weight_decay, warmup_ratio=tr.warmup_ratio, max_grad_norm=tr.max_grad_norm,
+                precision=tr.precision, pad_id=pad_id, seed=tr.seed, stage=s + 1, rank=rank,
+                world_size=world_size, teacher=teacher, lwf=rspec.lwf,
             )
         except NonFiniteLoss as e:
             # Stop this trial with its reason; the sweep goes on.
             report({**_stage_metrics(spec, history, fixed, {}), "failed": 1, "failure_reason": str(e)}, None)
             return history
         if prev is not None:
-            alpha = float(rspec["wise_ft"].get("alpha", 0.5))
+            alpha = float(rspec.wise_ft.get("alpha", 0.5))
             with torch.no_grad():
                 for n, p in model.named_parameters():
                     if n in prev:
                         p.mul_(1 - alpha).add_(prev[n], alpha=alpha)
         del teacher, prev
         if rank == 0:
-            result = evaluate.evaluate(model, loaded.processor, eval_sets, batch_size=ev["batch_size"],
-                                       max_new_tokens=ev["max_new_tokens"], probe_base=probe_base)
+            result = evaluate.evaluate(model, loaded.processor, eval_sets, batch_size=ev.batch_size,
+                                       max_new_tokens=ev.max_new_tokens, probe_base=probe_base)
             history.append(result.metrics())
         else:  # only rank 0's report reaches Tune: the other ranks skip the evaluation
             history.append(history[-1])
         extra = {"train_loss_first": stats.loss_first, "train_loss_last": stats.loss_last,
                  "stage_train_seconds": stats.seconds, "stage_steps": stats.steps}
         metrics = _stage_metrics(spec, history, fixed, extra)
-        state = {"stage": s + 1, "history": history, "recipe_name": spec.recipe_name, "recipe": spec.recipe,
+        state = {"stage": s + 1, "history": history, "recipe_name": spec.recipe_name, "recipe": spec.recipe.to_dict(),
                  "model": spec.model, "trial_id": spec.trial_id, "lr": spec.lr}
         if rank == 0:
             with tempfile.TemporaryDirectory(dir=ckpt_root) as d:

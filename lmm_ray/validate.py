@@ -1,6 +1,8 @@
-"""Everything that can be checked before Ray starts, beyond the config file itself (config.py).
+"""Everything that can be checked before Ray starts and needs more than the sweep file itself:
+the model's configuration, data files, this machine, the tracking server.
 
-`check` loads only the model's *configuration* (parameters on the meta device, no weights),
+Checks that need only the file run when it is parsed (config.py, space.py); checks that need a
+connected Ray cluster run right after connecting (cluster.py). `check` loads only the model's *configuration* (parameters on the meta device, no weights),
 resolves every recipe the search space can produce on it, checks data files, resources and the
 MLflow server, and returns the plan as text. `lmm-ray sweep` runs it first, so a bad sweep fails
 in seconds with exit code 2 instead of after the cluster has been booked.
@@ -12,14 +14,15 @@ import itertools
 import os
 from pathlib import Path
 
-from lmm_ray import config as C
-from lmm_ray.config import ConfigError
+from lmm_ray.config import SweepConfig
+from lmm_ray.errors import ConfigError
+from lmm_ray.space import SearchSpace, trial_recipe
 
 RECIPE_KEYS = ("recipe", "layers", "last_n", "lora_rank", "lora_roles", "lwf_weight", "wise_ft_alpha")
 MAX_COMBOS = 500
 
 
-def _recipe_combos(space: "C.SearchSpace") -> list[dict]:
+def _recipe_combos(space: SearchSpace) -> list[dict]:
     """Every combination of the recipe-shaping values the search can sample (ranges: both ends)."""
     dims = {}
     for k in RECIPE_KEYS:
@@ -31,7 +34,7 @@ def _recipe_combos(space: "C.SearchSpace") -> list[dict]:
     return combos[:MAX_COMBOS]
 
 
-def check_recipes(cfg: "C.SweepConfig", offline: bool = False) -> tuple[str, dict]:
+def check_recipes(cfg: SweepConfig, offline: bool = False) -> tuple[str, dict]:
     """Resolve every recipe the search can produce on the model. Returns (family, {recipe: trainable})."""
     from lmm_ray import models, recipes
 
@@ -45,7 +48,7 @@ def check_recipes(cfg: "C.SweepConfig", offline: bool = False) -> tuple[str, dic
     for combo in _recipe_combos(cfg.search_space):
         sampled = {**cfg.search_space.example(), **combo}
         try:
-            spec = C.trial_recipe(cfg, sampled)
+            spec = trial_recipe(cfg, sampled)
             res = recipes.resolve(meta, family, spec)
         except recipes.RecipeError as e:
             shown = ", ".join(f"{k}={v}" for k, v in combo.items())
@@ -55,7 +58,7 @@ def check_recipes(cfg: "C.SweepConfig", offline: bool = False) -> tuple[str, dic
     return family.name, seen
 
 
-def check_data(cfg: "C.SweepConfig") -> None:
+def check_data(cfg: SweepConfig) -> None:
     sources = [(f"stages.{i}.data", s.data) for i, s in enumerate(cfg.stages)]
     sources += [(f"stages.{i}.eval_data", s.eval_data) for i, s in enumerate(cfg.stages)]
     sources += [(f"heldout.{i}.data", h.data) for i, h in enumerate(cfg.heldout)]
@@ -70,8 +73,8 @@ def check_data(cfg: "C.SweepConfig") -> None:
             raise ConfigError(f"{where}.hf", f"local dataset {hf} does not exist", "fix the path, or give a hub id")
 
 
-def check_resources(cfg: "C.SweepConfig", address: str | None) -> None:
-    """Local runs only; on a cluster the check runs after connecting (cluster.check_resources)."""
+def check_local_resources(cfg: SweepConfig, address: str | None) -> None:
+    """Local runs only; on a cluster the check runs after connecting (cluster.check_cluster_resources)."""
     if address or os.environ.get("RAY_ADDRESS"):
         return
     r = cfg.resources
@@ -89,19 +92,7 @@ def check_resources(cfg: "C.SweepConfig", address: str | None) -> None:
                               "set resources.gpus_per_worker: 0 to train on CPU, or run on a cluster with GPUs")
 
 
-def check_batch(cfg: "C.SweepConfig") -> None:
-    """The global batch must split evenly over workers and accumulation steps (else it silently shrinks)."""
-    sp = cfg.search_space.params
-    sizes = sp["batch_size"].grid_values() if "batch_size" in sp else [cfg.train.batch_size]
-    accums = sp["grad_accum"].grid_values() if "grad_accum" in sp else [cfg.train.grad_accum]
-    for b in sizes:
-        for g in accums:
-            if b % (cfg.resources.num_workers * g):
-                raise ConfigError("train.batch_size", f"batch_size {b} does not split into {cfg.resources.num_workers} "
-                                  f"worker(s) x grad_accum {g}", "make batch_size a multiple of num_workers x grad_accum")
-
-
-def check_tracking(cfg: "C.SweepConfig") -> None:
+def check_tracking(cfg: SweepConfig) -> None:
     from lmm_ray import tracking
 
     try:
@@ -110,19 +101,18 @@ def check_tracking(cfg: "C.SweepConfig") -> None:
         raise ConfigError("tracking.mlflow_uri", str(e), "start the server or fix tracking.mlflow_uri") from None
 
 
-def check(cfg: "C.SweepConfig", *, address: str | None = None, offline: bool = False) -> str:
+def check(cfg: SweepConfig, *, address: str | None = None, offline: bool = False) -> str:
     """Raise ConfigError on the first problem; return the plan."""
     check_data(cfg)
     if not offline:  # offline checks the files against the model's configuration only
-        check_resources(cfg, address)
-    check_batch(cfg)
+        check_local_resources(cfg, address)
     family, trainable = check_recipes(cfg, offline=offline)
     if not offline:
         check_tracking(cfg)
     return plan(cfg, family, trainable)
 
 
-def plan(cfg: "C.SweepConfig", family: str, trainable: dict) -> str:
+def plan(cfg: SweepConfig, family: str, trainable: dict) -> str:
     sp = cfg.search_space
     dims = ", ".join(f"{k}={d.to_yaml()}" for k, d in sp.params.items())
     r = cfg.resources
@@ -133,7 +123,7 @@ def plan(cfg: "C.SweepConfig", family: str, trainable: dict) -> str:
         f"held-out   {', '.join(cfg.heldout_names)}",
         f"search     {cfg.search.algorithm}, {cfg.search.num_trials} trials, {cfg.search.max_concurrent} at a time, seed {cfg.search.seed}",
         f"space      {dims}",
-        f"recipes    " + ", ".join(f"{k} ({v:,} trainable)" for k, v in trainable.items()),
+        "recipes    " + ", ".join(f"{k} ({v:,} trainable)" for k, v in trainable.items()),
         f"objective  {cfg.objective.mode}" + (f": learning + {cfg.objective.lam:g}*min(0, held-out change) - {cfg.objective.mu:g}*counting bias"
                                                if cfg.objective.mode == "scalar" else ": (learning, held-out change, counting bias)"),
         f"scheduler  {cfg.scheduler.type}",

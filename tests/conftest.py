@@ -180,7 +180,9 @@ def small_spec(ci_base):
     SMALL_TARGETS, `steps` steps each, batch 8 from a pool of 64, 8 eval samples per skill.
     `train` / `eval` dicts are merged over those small defaults; other keywords set TrialSpec fields."""
     from lmm_ray import recipes
-    from lmm_ray.train import HeldoutSpec, StageSpec, TrialSpec
+    from lmm_ray.config import HeldoutConfig, StageConfig
+    from lmm_ray.schema import EvalConfig, TrainConfig
+    from lmm_ray.trial import TrialSpec
 
     def make(recipe: str = "sa_proj", lr: float = 1e-3, stages: int = 2, steps: int = 4,
              heldout=("color", "shape"), train: dict | None = None, eval: dict | None = None, **fields) -> TrialSpec:
@@ -188,13 +190,12 @@ def small_spec(ci_base):
             raise ValueError(f"small_spec: stages must be 1..{len(SMALL_TARGETS)}")
         return TrialSpec(
             model=CI_BASE,
-            recipe_name=recipe,
-            recipe=recipes.get_recipe(recipe).to_dict(),
+            recipe=recipes.get_recipe(recipe),
             lr=lr,
-            stages=[StageSpec(t, skill=t, steps=steps) for t in SMALL_TARGETS[:stages]],
-            heldout=[HeldoutSpec(h, skill=h) for h in heldout],
-            train={"batch_size": 8, "n_train": 64, **(train or {})},
-            eval={"n_per_skill": 8, "batch_size": 16, **(eval or {})},
+            stages=tuple(StageConfig(t, skill=t, steps=steps) for t in SMALL_TARGETS[:stages]),
+            heldout=tuple(HeldoutConfig(h, skill=h) for h in heldout),
+            train=TrainConfig(**{"batch_size": 8, "n_train": 64, **(train or {})}),
+            eval=EvalConfig(**{"n_per_skill": 8, "batch_size": 16, **(eval or {})}),
             **fields,
         )
 

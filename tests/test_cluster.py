@@ -7,7 +7,7 @@
    lmm_ray/hub_configs, parameters on the meta device: no weights, no network).
 4. A real two-node Ray cluster on this machine (ray.cluster_utils.Cluster) runs a tiny sweep
    through `sweep.run(cfg, address=...)`, and the trials' Train workers sit on both nodes.
-5. lmm_ray.cluster: check_resources and check_storage against that cluster (the positive storage
+5. lmm_ray.cluster: check_cluster_resources and check_storage against that cluster (the positive storage
    case for real; the negative one with a patched per-node probe: on one machine every node sees
    every path).
 """
@@ -322,7 +322,7 @@ def test_check_resources_on_the_cluster(connected, tmp_path, monkeypatch, capsys
     ok = [("resources.num_workers=2", "resources.cpus_per_worker=0.6"),  # one worker per node
           ("resources.num_workers=1", "resources.cpus_per_worker=0.99")]
     for overrides in ok:
-        cluster.check_resources(_smoke(tmp_path, *overrides))
+        cluster.check_cluster_resources(_smoke(tmp_path, *overrides))
 
     bad = {
         # 2 x 1 CPU needs both nodes whole, but the trial driver takes 0.01 CPU of one: never schedulable
@@ -333,7 +333,7 @@ def test_check_resources_on_the_cluster(connected, tmp_path, monkeypatch, capsys
     }
     for overrides, words in bad.items():
         with pytest.raises(cluster.ClusterError) as e:
-            cluster.check_resources(_smoke(tmp_path, *overrides), wait_s=0)
+            cluster.check_cluster_resources(_smoke(tmp_path, *overrides), wait_s=0)
         msg = str(e.value)
         assert e.value.field == "resources.num_workers"
         assert words in msg, msg
@@ -342,7 +342,7 @@ def test_check_resources_on_the_cluster(connected, tmp_path, monkeypatch, capsys
     # Nodes may still be joining: it waits (here 1 s) before it gives up.
     t0 = time.monotonic()
     with pytest.raises(cluster.ClusterError):
-        cluster.check_resources(_smoke(tmp_path, "resources.num_workers=4", "resources.cpus_per_worker=0.5"), wait_s=1)
+        cluster.check_cluster_resources(_smoke(tmp_path, "resources.num_workers=4", "resources.cpus_per_worker=0.5"), wait_s=1)
     assert time.monotonic() - t0 >= 1
     assert "waiting up to 1 s for nodes to join" in capsys.readouterr().err
 
@@ -350,16 +350,16 @@ def test_check_resources_on_the_cluster(connected, tmp_path, monkeypatch, capsys
     # that ray-up-gpu.yaml can start, though none is up (this CPU cluster stands in for its head).
     monkeypatch.setattr(cluster, "RAY_UP_CONFIG", str(RAY_UP))
     study = config.load_sweep(ROOT / "sweeps" / "study_qwen2_5_vl_7b.yaml")
-    cluster.check_resources(study, wait_s=0)
+    cluster.check_cluster_resources(study, wait_s=0)
     with pytest.raises(cluster.ClusterError) as e:
-        cluster.check_resources(_smoke(tmp_path, "resources.num_workers=17", "resources.gpus_per_worker=1",
+        cluster.check_cluster_resources(_smoke(tmp_path, "resources.num_workers=17", "resources.gpus_per_worker=1",
                                        "resources.cpus_per_worker=8"), wait_s=0)
     assert "at most 16 such workers fit (even at its autoscaling limits)" in str(e.value)
 
     # An autoscaler it cannot read: the user can skip the check.
     monkeypatch.setattr(cluster, "RAY_UP_CONFIG", str(tmp_path / "absent.yaml"))
     monkeypatch.setenv(cluster.SKIP_RESOURCE_CHECK, "1")
-    cluster.check_resources(study, wait_s=0)
+    cluster.check_cluster_resources(study, wait_s=0)
 
 
 def test_check_storage_on_the_cluster(connected, tmp_path, monkeypatch):

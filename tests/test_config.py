@@ -12,17 +12,14 @@ import yaml
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-from lmm_ray.config import (
-    ConfigError,
+from lmm_ray.config import SweepConfig, apply_overrides, load_sweep, parse_sweep
+from lmm_ray.errors import ConfigError
+from lmm_ray.schema import TrainConfig
+from lmm_ray.space import (
     SearchSpace,
-    SweepConfig,
-    TrainConfig,
-    apply_overrides,
     inactive_params,
     load_search_space,
-    load_sweep,
     parse_search_space,
-    parse_sweep,
     trial_recipe,
     trial_train,
 )

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from lmm_ray import cli, config, pareto
+from lmm_ray import cli, config, pareto, space
 
 SMOKE = "sweeps/smoke.yaml"
 
@@ -31,7 +31,7 @@ def test_exported_recipe_round_trips_into_a_sweep(tmp_path):
     assert yaml.safe_load(open(path)) == {"recipe": "lora", "lr": 3.0e-4, "lora_rank": 4}
     cfg = config.load_sweep(SMOKE, _overrides(tmp_path) + [f"search_space={path}"])
     assert cfg.search_space.searched == []  # every value fixed
-    spec = config.trial_recipe(cfg, cfg.search_space.example())
+    spec = space.trial_recipe(cfg, cfg.search_space.example())
     assert spec.name == "lora" and spec.lora.rank == 4
     assert cli.main(["validate", SMOKE, *_overrides(tmp_path), f"search_space={path}"]) == 0
 
@@ -40,11 +40,11 @@ def test_train_writes_a_model_that_transformers_loads_and_that_scores_as_reporte
     from transformers import AutoModelForImageTextToText
 
     from lmm_ray import evaluate, models, train
-    from lmm_ray.sweep import trial_spec
+    from lmm_ray.trial import trial_spec
 
     recipe = _export(tmp_path, "sa_proj", 2e-3)
     out = tmp_path / "trained"
-    assert cli.main(["train", SMOKE, "--recipe", recipe, "--output", str(out), *_overrides(tmp_path)]) == 0
+    assert cli.main(["train", SMOKE, "--choice", recipe, "--output", str(out), *_overrides(tmp_path)]) == 0
     assert "saved the trained model" in capsys.readouterr().out
 
     model = AutoModelForImageTextToText.from_pretrained(out)
@@ -59,7 +59,7 @@ def test_train_writes_a_model_that_transformers_loads_and_that_scores_as_reporte
     loaded = models.load_model(str(out))
     samples, kinds = train.eval_samples(spec)
     report = evaluate.evaluate(loaded.model, loaded.processor, evaluate.build_eval_sets(loaded.processor, samples, kinds),
-                               batch_size=spec.eval["batch_size"], max_new_tokens=spec.eval["max_new_tokens"])
+                               batch_size=spec.eval.batch_size, max_new_tokens=spec.eval.max_new_tokens)
     got = report.metrics()
     for k, v in history[-1].items():
         if k.endswith("/acc") or k.endswith("mean_acc"):
@@ -77,5 +77,5 @@ def test_train_writes_a_model_that_transformers_loads_and_that_scores_as_reporte
 def test_train_refuses_a_recipe_that_still_searches(tmp_path, capsys):
     space = tmp_path / "space.yaml"
     space.write_text("recipe: {choice: [sa_proj, mlp]}\nlr: 1.0e-3\n")
-    assert cli.main(["train", SMOKE, "--recipe", str(space), "--output", str(tmp_path / "o"), *_overrides(tmp_path)]) == 2
+    assert cli.main(["train", SMOKE, "--choice", str(space), "--output", str(tmp_path / "o"), *_overrides(tmp_path)]) == 2
     assert "recipe still vary; a recipe to train must fix every value" in capsys.readouterr().err

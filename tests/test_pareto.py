@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from lmm_ray import pareto
+from lmm_ray.results import load_results
 from lmm_ray.pareto import (
     OBJECTIVES,
     export_recipe,
@@ -15,7 +16,6 @@ from lmm_ray.pareto import (
     front,
     front_hypervolume,
     hypervolume,
-    load_results,
     pareto_mask,
     pick,
     plot_stages,

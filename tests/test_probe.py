@@ -101,7 +101,7 @@ def test_counting_bias_and_kl_rise_when_head_favours_numbers(tiny, evalsets, bas
     assert base.number_mass == pytest.approx(base_report.metrics()["probe/number_mass"], abs=1e-6)
     same = ev.evaluate(tiny.model, tiny.processor, evalsets, batch_size=16, probe_base=base).metrics()
     assert same["probe/kl_base"] == pytest.approx(0.0, abs=1e-6)
-    assert same["probe/counting_bias"] == pytest.approx(0.0, abs=1e-6)
+    assert same["probe/number_mass_change"] == pytest.approx(0.0, abs=1e-6)
     # stage 0: the base report against its own base, without another pass over the data
     stage0 = copy.copy(base_report)
     stage0.set_probe_base(base)
@@ -114,7 +114,7 @@ def test_counting_bias_and_kl_rise_when_head_favours_numbers(tiny, evalsets, bas
     finally:
         tiny.model.lm_head = old
     assert biased["probe/number_mass"] > base.number_mass + 0.3
-    assert biased["probe/counting_bias"] == pytest.approx(biased["probe/number_mass"] - base.number_mass)
+    assert biased["probe/number_mass_change"] == pytest.approx(biased["probe/number_mass"] - base.number_mass)
     assert biased["probe/kl_base"] > 0.1
 
     # a sweep computes the base once and every trial loads it

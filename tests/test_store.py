@@ -1,6 +1,6 @@
 """The sweep folder may be a local path or a URI (s3://, gs://): lmm_ray's own files go through pyarrow."""
 
-from lmm_ray.sweep import Store
+from lmm_ray.results import Store
 
 
 def test_store_round_trips_on_a_uri_and_a_path(tmp_path):

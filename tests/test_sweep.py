@@ -230,7 +230,8 @@ def test_progress_table_shows_only_the_chosen_columns(multi):
 def test_front_never_includes_unfinished_trials(multi):
     """The guarantee behind refusing ASHA + multi: trials that did not finish every stage (stopped,
     failed) never reach the front, even when their partial metrics dominate every finished trial."""
-    from lmm_ray import config, pareto, sweep
+    from lmm_ray import config, pareto
+    from lmm_ray import results as R
 
     cfg = config.load_sweep(SMOKE, [f"storage={multi.dir.parent}", f"name={multi.name}"])
     base = json.loads((multi.dir / "base_eval.json").read_text())["metrics"]
@@ -245,7 +246,7 @@ def test_front_never_includes_unfinished_trials(multi):
     fake = [result("fin00001", S, 5.0, -10.0, 0.2), result("fin00002", S, 2.0, -1.0, 0.1),
             result("stop0001", 1, 90.0, 50.0, -0.5),  # stopped after stage 1, dominates both
             result("fail0001", 1, 99.0, 60.0, -0.9, error=RuntimeError("worker died"))]
-    res, st = sweep.collect(fake, cfg, base)
+    res, st = R.collect(fake, cfg, base)
     assert dict(zip(res["trial_id"], res["status"])) == {"fin00001": "finished", "fin00002": "finished",
                                                           "stop0001": "stopped", "fail0001": "failed"}
     front = pareto.front(res)

@@ -22,11 +22,9 @@ from typing import Any, Sequence
 import yaml
 from PIL import Image, UnidentifiedImageError
 
+from lmm_ray.errors import DataError
+from lmm_ray.number_words import COUNT_WORDS
 from lmm_ray.skills.schema import ANSWER_TYPES, Sample
-
-
-class DataError(ValueError):
-    """A dataset file, record or option that cannot be loaded; the message says where and why."""
 
 
 # ---------------------------------------------------------------- sampling strategies
@@ -74,10 +72,6 @@ def apply_sampling(records: Sequence, s: str, seed: int = 0) -> list:
 
 # ---------------------------------------------------------------- question / answer parsing
 
-_NUMBER_WORDS = (
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-    "fifteen sixteen seventeen eighteen nineteen twenty"
-).split()
 _OPTION_RE = re.compile(r"^([A-Z])\.\s+(.+?)\s*$", re.MULTILINE)
 
 
@@ -104,7 +98,7 @@ def infer_answer_type(answer: str, choices: Sequence[str] = ()) -> str:
     word = a.lower().rstrip(".")
     if re.fullmatch(r"\d{1,2}:[0-5]\d", a):
         return "time"
-    if re.fullmatch(r"[-+]?\d+", a) or word in _NUMBER_WORDS:
+    if re.fullmatch(r"[-+]?\d+", a) or word in COUNT_WORDS:
         return "number"
     if word in ("yes", "no"):
         return "yesno"

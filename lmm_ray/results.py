@@ -1,0 +1,173 @@
+"""A sweep's results: one row per trial (one schema, wherever the row comes from), the sweep's
+folder, loading, and the summary printed at the end of a sweep.
+
+A row is built by `result_row` from a trial's sampled config and its last reported metrics;
+`collect` does it for Tune's results, tracking.results_from_mlflow for MLflow runs (when a killed
+driver left no results.csv), and `load_results` reads back what `write_tables` wrote. The Pareto
+front and picks are pareto.py's; the objective vector is objective.VECTOR.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from lmm_ray import objective, pareto
+from lmm_ray.errors import ResultsNotFound
+from lmm_ray.schema import is_uri
+
+# Constant per trial (set by the recipe on the model), reported with every stage.
+SIZE_COLUMNS = ("trainable", "total_params", "trainable_share")
+RESULTS_FILE, STAGES_FILE, PARETO_FILE = "results.csv", "stages.csv", "pareto.csv"
+
+
+def trial_status(last: dict, stages_total: int) -> tuple[str, str]:
+    """(status, reason) of a trial from its last reported result."""
+    if last.get("failed"):
+        return "failed", str(last.get("failure_reason", ""))
+    if int(last.get("stage", 0)) < stages_total:
+        return "stopped", "stopped early by the scheduler"
+    return "finished", ""
+
+
+def result_row(trial_id: str, status: str, reason: str, config: dict, metrics: dict) -> dict:
+    """The results-table row of one trial: id, status, recipe and lr, the other searched values as
+    `param/<name>`, the trial-level aggregates, the recipe's size, and how many stages it finished."""
+    row = {"trial_id": trial_id, "status": status, "reason": reason, "recipe": config.get("recipe"),
+           "lr": float(config["lr"]) if config.get("lr") is not None else float("nan")}
+    row.update({f"param/{k}": v for k, v in config.items() if k not in ("recipe", "lr")})
+    for k in (*objective.AGGREGATES, *SIZE_COLUMNS):
+        row[k] = metrics.get(k, float("nan"))
+    row["stages_completed"] = int(metrics.get("stage", 0))
+    return row
+
+
+def collect(results, cfg, base_metrics: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(results table, stage table: one row per trial and stage, stage 0 = the base) from Tune's ResultGrid."""
+    rows, stages = [], []
+    for r in results:
+        last = r.metrics or {}
+        tid = last.get("trial_id") or (r.path.rstrip("/").split("_")[-2] if r.path else "?")
+        status, reason = trial_status(last, len(cfg.stages))
+        if r.error is not None:
+            status, reason = "failed", f"{type(r.error).__name__}: {str(r.error).splitlines()[0][:300]}"
+        rows.append(result_row(tid, status, reason, r.config or {}, last))
+        df = r.metrics_dataframe
+        if df is not None and len(df):
+            df = df.drop_duplicates("stage", keep="last")
+            stages.append({"trial_id": tid, "stage": 0, "skill": "", **base_metrics})
+            for _, m in df.iterrows():
+                stages.append({"trial_id": tid, "stage": int(m["stage"]), "skill": m.get("stage_skill", ""),
+                               **{k: m[k] for k in df.columns if k.startswith(("target/", "heldout/", "probe/"))}})
+    res, st = pd.DataFrame(rows), pd.DataFrame(stages)
+    if len(st):
+        cols = [f"heldout/{h}/acc" for h in cfg.heldout_names if f"heldout/{h}/acc" in st]
+        st["heldout_mean"] = st[cols].mean(axis=1)
+    return res, st
+
+
+def load_results(storage_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Read a sweep's results.csv and stages.csv from its storage folder."""
+    folder = Path(storage_dir)
+    for name in (RESULTS_FILE, STAGES_FILE):
+        if not (folder / name).is_file():
+            raise ResultsNotFound(
+                f"no {name} in {folder}: the sweep may not have finished any trial yet, "
+                "or this is not a sweep's storage folder"
+            )
+    results = pd.read_csv(folder / RESULTS_FILE, dtype={"trial_id": str, "recipe": str})
+    stages = pd.read_csv(folder / STAGES_FILE, dtype={"trial_id": str, "skill": str})
+    stages["skill"] = stages["skill"].fillna("")  # stage 0 (base) trained no skill
+    # CSV turns an int param with gaps (a conditional one such as lora_rank) into floats; give
+    # it back its integers so an exported recipe says `lora_rank: 8`, not `8.0`.
+    for c in results.columns:
+        col = results[c]
+        if c.startswith("param/") and col.dtype.kind == "f" and col.notna().any():
+            if (col.dropna() % 1 == 0).all():
+                results[c] = col.astype("Int64")
+    return results, stages
+
+
+class Store:
+    """The sweep's folder: a local path, or a URI that pyarrow reaches (s3://, gs://, ...) so a
+    multi-node sweep keeps its tables next to the Tune state every node writes."""
+
+    def __init__(self, root: str):
+        self.root = root.rstrip("/")
+        self.is_uri = is_uri(root)
+        if self.is_uri:
+            import pyarrow.fs
+
+            self.fs, self.base = pyarrow.fs.FileSystem.from_uri(self.root)
+        else:
+            self.local = Path(root)
+
+    def exists(self, rel: str) -> bool:
+        if not self.is_uri:
+            return (self.local / rel).exists()
+        import pyarrow.fs
+
+        return self.fs.get_file_info(f"{self.base}/{rel}").type != pyarrow.fs.FileType.NotFound
+
+    def read_text(self, rel: str) -> str:
+        if not self.is_uri:
+            return (self.local / rel).read_text()
+        with self.fs.open_input_stream(f"{self.base}/{rel}") as f:
+            return f.read().decode()
+
+    def write_text(self, rel: str, text: str) -> None:
+        if not self.is_uri:
+            self.local.mkdir(parents=True, exist_ok=True)
+            (self.local / rel).write_text(text)
+            return
+        self.fs.create_dir(self.base, recursive=True)
+        with self.fs.open_output_stream(f"{self.base}/{rel}") as f:
+            f.write(text.encode())
+
+    def put(self, local_file: Path, rel: str) -> None:
+        with open(local_file, "rb") as src, self.fs.open_output_stream(f"{self.base}/{rel}") as dst:
+            dst.write(src.read())
+
+
+def hypervolume_note(res: pd.DataFrame) -> str:
+    hv = pareto.front_hypervolume(res)
+    # The volume only counts trials that beat the base on all three objectives at once.
+    return f"hypervolume vs the base {hv:.4g}" + (" (no trial improves on the base in every objective)" if hv == 0 else "")
+
+
+def finished_best(res: pd.DataFrame) -> pd.Series:
+    """The trial with the best scalar objective among trials that finished every stage: a stopped
+    trial's objective is that of an early stage (before later stages add forgetting) and would win."""
+    done = res[res["status"] == "finished"]
+    return (done if len(done) else res).sort_values("objective", ascending=False).iloc[0]
+
+
+def write_tables(cfg, res: pd.DataFrame, st: pd.DataFrame, store: Store | None = None) -> tuple[str, list[Path], pd.DataFrame]:
+    """Write the tables and plots into the sweep's folder; return (the summary text, the files, the front)."""
+    store = store or Store(cfg.sweep_dir)
+    out = store.local if not store.is_uri else Path(tempfile.mkdtemp(prefix="lmm_ray-summary-"))
+    out.mkdir(parents=True, exist_ok=True)
+    res.to_csv(out / RESULTS_FILE, index=False)
+    st.to_csv(out / STAGES_FILE, index=False)
+    front = pareto.front(res) if (res["status"] == "finished").any() else res.iloc[0:0]
+    lines = [f"\n== sweep {cfg.name}: {len(res)} trials ({', '.join(f'{n} {s}' for s, n in res['status'].value_counts().items())})"]
+    # finished trials first: the objective of a stopped trial is an early stage's, not comparable
+    shown = res.assign(_unfinished=res["status"] != "finished").sort_values(["_unfinished", "objective"], ascending=[True, False])
+    lines.append(pareto.format_table(shown.drop(columns="_unfinished"), front_ids=set(front["trial_id"])))
+    lines.append(f"\n== Pareto-optimal trials (learning up, held-out change up, counting bias down); {hypervolume_note(res)}:")
+    lines.append(pareto.format_table(front) if len(front) else "(no finished trial)")
+    files = [out / RESULTS_FILE, out / STAGES_FILE]
+    if len(front):
+        front.to_csv(out / PARETO_FILE, index=False)
+        files.append(out / PARETO_FILE)
+        files.append(pareto.plot_tradeoff(res, out / "tradeoff.png"))
+        labels = [f"{r.recipe} lr={r.lr:.1e}" for r in front.itertuples()]
+        files.append(pareto.plot_stages(st, list(front["trial_id"]), labels, out / "heldout_by_stage.png"))
+    if store.is_uri:
+        for f in files:
+            store.put(f, f.name)
+    lines.append(f"\nresults: {cfg.sweep_dir}/{RESULTS_FILE}\nMLflow:  experiment {cfg.experiment!r} at {cfg.mlflow_uri}"
+                 f"\n         open it with: lmm-ray ui {cfg.sweep_dir}")
+    return "\n".join(lines), files, front
