@@ -8,8 +8,7 @@ It also owns what one trial asks of a cluster: `worker_bundle` (one Ray Train wo
 `TRIAL_DRIVER_RESOURCES` (the Tune trial function that drives it). Both checks raise
 `ClusterError` (a ConfigError: the CLI prints it as `field: problem` + `fix:` and exits with code 2), so a sweep that cannot work fails in seconds instead of hanging on a placement group
 or failing at its first checkpoint (Ray Train writes checkpoints from every node into
-`storage_path` and does not sync local folders between nodes; shared/research/ray_stack.md Q5,
-pitfall 10).
+`storage_path` and does not sync local folders between nodes).
 """
 
 from __future__ import annotations

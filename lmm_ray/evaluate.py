@@ -1,6 +1,6 @@
 """Batched greedy scoring of a model on skills, answer normalisation, and the probe hook.
 
-Protocol (research/study.md §5.3): greedy decoding of the answer after the chat prompt, then a
+Protocol (the study's): greedy decoding of the answer after the chat prompt, then a
 per-answer-type parse of the text before comparing with the gold answer. Prompts are encoded
 once per skill (`EvalSet`) and reused by every stage of a trial. The first generated step's
 logits of the held-out prompts are kept and handed to the probe, so the probe costs no pass
@@ -249,7 +249,7 @@ class EvalReport:
         return {s: r.predictions for s, r in self.results.items()}
 
     def metrics(self) -> dict[str, float]:
-        """DESIGN.md §5 names. A group's mean is present only when the group was evaluated."""
+        """The metric names of docs/architecture.md ("Metrics"). A group's mean is present only when the group was evaluated."""
         out: dict[str, float] = {}
         for kind in KINDS:
             accs = [r.acc for r in self.results.values() if r.kind == kind]

@@ -1,4 +1,4 @@
-"""Per-stage metrics -> learning, forgetting, counting bias, and the objective (DESIGN.md section 5).
+"""Per-stage metrics -> learning, forgetting, counting bias, and the objective (docs/architecture.md, "Metrics").
 
 `history[s]` is the flat metrics dict after stage s (stage 0 = the base model): it holds
 `target/<skill>/acc`, `heldout/mean_acc` and `probe/number_mass` (accuracies in percentage

@@ -1,14 +1,14 @@
-"""Counting-bias probe and output-drift statistics at the first answer position (DESIGN.md §5).
+"""Counting-bias probe and output-drift statistics at the first answer position (docs/architecture.md, "Metrics").
 
 Everything here reads the first generated step's logits that `evaluate.evaluate` already kept
 for the held-out prompts: the probe never runs its own pass over the data.
 
 - `probe/number_mass`: mean over held-out prompts whose answer is NOT a number of the total
-  softmax probability on number tokens. The study's counting bias is its change from base:
-  `probe/number_mass_change` = number_mass - base number_mass.
+  softmax probability on number tokens; `probe/number_mass_change` = number_mass - base
+  number_mass at this stage. The trial-level `counting_bias` (objective.py) is its mean over stages.
 - `probe/kl_base`: mean KL(base || model) of the first-answer-token distribution. The bias
   alone misses forgetting when the output head is frozen (the distribution diffuses instead of
-  moving to numbers, see research/tiny_lmm.md §5), hence also
+  moving to numbers), hence also
 - `probe/entropy` (nats), `probe/first_token_acc` and `probe/heldout_acc_no_numbers` (pp): the
   argmax with number tokens excluded tells bias-only forgetting (knowledge still there) from
   real damage.
@@ -39,7 +39,7 @@ TOP_K = 256
 
 
 def is_number_token(text: str) -> bool:
-    """Whether one vocabulary entry counts as a number token (DESIGN.md §5)."""
+    """Whether one vocabulary entry counts as a number token (docs/architecture.md, "Metrics")."""
     t = text.strip().strip(_SPACE_MARKERS).strip()
     if not t:
         return False

@@ -1,6 +1,6 @@
 """Build and run (or resume) a sweep: Optuna searches recipes on Ray Tune, each trial a Ray Train run.
 
-The shape follows Ray 2.60's Train V2 (see shared/research/ray_stack.md): a Tune trial is a plain
+The shape follows Ray 2.60's Train V2 (docs/architecture.md, "Ray, Optuna, MLflow"): a Tune trial is a plain
 function that builds a `TorchTrainer` and calls `fit()`; workers report once per stage; the
 trial function holds only a sliver of a CPU so it never blocks a worker. The base model is
 evaluated once per sweep and handed to every trial. After the run, the results and per-stage
@@ -183,7 +183,7 @@ def make_searcher(cfg: SweepConfig):
         names = [n for n, _ in objective.VECTOR]
         modes = [m for _, m in objective.VECTOR]
         # Metric and mode go on the searcher only: set on TuneConfig they would silently turn
-        # the search single-objective (ray_stack.md, pitfall 4).
+        # the search single-objective (docs/architecture.md).
         return StageAwareOptunaSearch(metric=names, mode=modes, sampler=sampler, study_name=cfg.name, storage=storage,
                                       stages_total=len(cfg.stages))
     return StageAwareOptunaSearch(sampler=sampler, study_name=cfg.name, storage=storage, stages_total=len(cfg.stages))
