@@ -353,7 +353,7 @@ def test_check_resources_on_the_cluster(connected, tmp_path, monkeypatch, capsys
     cluster.check_cluster_resources(study, wait_s=0)
     with pytest.raises(cluster.ClusterError) as e:
         cluster.check_cluster_resources(_smoke(tmp_path, "resources.num_workers=17", "resources.gpus_per_worker=1",
-                                       "resources.cpus_per_worker=8"), wait_s=0)
+                                       "resources.cpus_per_worker=8", "train.batch_size=17"), wait_s=0)
     assert "at most 16 such workers fit (even at its autoscaling limits)" in str(e.value)
 
     # An autoscaler it cannot read: the user can skip the check.

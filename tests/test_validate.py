@@ -71,7 +71,7 @@ OVERRIDE_CASES = [
      ["scheduler.type", "asha with objective.mode: multi", "use scheduler.type: none or objective.mode: scalar"]),
     ("asha-grace-too-long", ["scheduler.type=asha", "scheduler.grace_period=2"], ["scheduler.grace_period", "set scheduler.grace_period below 2"]),
     ("uneven-batch", ["train.batch_size=6", "train.grad_accum=4"], ["train.batch_size", "does not split", "multiple of num_workers x grad_accum"]),
-    ("too-many-workers", ["resources.num_workers=64"], ["resources.num_workers", "64 workers", "lower resources.num_workers"]),
+    ("too-many-workers", ["resources.num_workers=64", "train.batch_size=64"], ["resources.num_workers", "64 workers", "lower resources.num_workers"]),
     ("gpu-on-cpu-box", ["resources.gpus_per_worker=1"], ["resources.gpus_per_worker", "this machine has 0", "gpus_per_worker: 0"]),
     ("unreachable-mlflow", ["tracking.mlflow_uri=http://127.0.0.1:9"], ["tracking.mlflow_uri", "unreachable", "start the server"]),
     ("layers-outside-model", ["search_space.recipe=sa_proj", "search_space.layers=3-9"],
