@@ -1,5 +1,6 @@
-"""Load real datasets into Samples: LLaVA conversation JSON, the study's dataset YAML, and
-Hugging Face datasets (hub id or local copy).
+"""Load real datasets into Samples: LLaVA conversation JSON, the study's dataset YAML,
+Hugging Face datasets (hub id or local copy; see hub.py) and named benchmark presets
+(benchmarks.yaml; see benchmarks.py).
 
 Every loader checks the structure of all records first and only then opens images, and only
 those of the records kept after sampling: a bad record deep in a 30k-record file is reported
@@ -14,7 +15,6 @@ import json
 import math
 import random
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -82,15 +82,37 @@ def clean_question(q: str) -> str:
 
 
 def parse_choices(question: str) -> tuple[str, ...]:
-    """Option texts of a CUB-style question ("...\\nA. opt\\nB. opt ..."); () if none.
-    The letters must run A, B, C, ... so that a stray "I. " line is not read as options."""
+    """Option texts of a question; () if none. Two layouts are read: one option per line
+    ("...\\nA. opt\\nB. opt", CUB, RealWorldQA) and options inline after "Options:"
+    ("Options: A: opt, B: opt", MMStar). The letters must run A, B, C, ... so that a stray
+    "I. " line is not read as options."""
     found = _OPTION_RE.findall(question)
     opts = []
     for letter, text in found:
         if ord(letter) - ord("A") != len(opts):
             break
         opts.append(text)
-    return tuple(opts) if len(opts) >= 2 else ()
+    return tuple(opts) if len(opts) >= 2 else _parse_inline_choices(question)
+
+
+_INLINE_MARK_RE = re.compile(r"(?<![^\s,;])([A-Z]):\s*")
+
+
+def _parse_inline_choices(question: str) -> tuple[str, ...]:
+    """ "...Options: A: x, B: y, C: z" -> ("x", "y", "z"). Only the line after the last
+    "Options:" is read, and only letters in sequence split it, so a comma or a "Note: " inside
+    an option stays in that option."""
+    at = question.rfind("Options:")
+    if at < 0:
+        return ()
+    line = question[at + len("Options:"):].split("\n", 1)[0]
+    marks = []
+    for m in _INLINE_MARK_RE.finditer(line):
+        if m.group(1) == chr(ord("A") + len(marks)) and (marks or not line[:m.start()].strip()):
+            marks.append(m)
+    texts = [line[m.end():(marks[k + 1].start() if k + 1 < len(marks) else len(line))] for k, m in enumerate(marks)]
+    texts = [t.strip().rstrip(",;").strip() for t in texts]
+    return tuple(texts) if len(texts) >= 2 and all(texts) else ()
 
 
 def infer_answer_type(answer: str, choices: Sequence[str] = ()) -> str:
@@ -124,6 +146,9 @@ class _Pending:
     id: str
     image_folder: str = ""  # only for the "not found" message
     meta: dict = field(default_factory=dict)
+    answers: tuple[str, ...] = ()
+    context: str = ""
+    category: str = ""
 
 
 def _where(source: Any, index: int, rid: Any = None) -> str:
@@ -143,7 +168,7 @@ def _typed_answer(where: str, field_name: str, answer: str, question: str, answe
     if kind == "choice":
         if not choices:
             raise DataError(f"{where}, field {field_name!r}: answer_type 'choice' needs options, "
-                            f"but the question has no 'A. ...' / 'B. ...' lines")
+                            f"but the question has no 'A. ...' / 'B. ...' lines nor 'Options: A: ..., B: ...'")
         letter = answer.strip().rstrip(".").upper()
         if not re.fullmatch(r"[A-Z]", letter) or ord(letter) - ord("A") >= len(choices):
             raise DataError(f"{where}, field {field_name!r}: answer {answer!r} should be one option letter "
@@ -252,7 +277,8 @@ def _open_image(p: _Pending) -> Image.Image:
 
 
 def _materialise(pending: list[_Pending]) -> list[Sample]:
-    return [Sample(_open_image(p), p.question, p.answer, p.answer_type, p.choices, p.skill, p.id, p.meta)
+    return [Sample(_open_image(p), p.question, p.answer, p.answer_type, p.choices, p.skill, p.id, p.meta,
+                   answers=p.answers, context=p.context, category=p.category)
             for p in pending]
 
 
@@ -297,140 +323,90 @@ def load_dataset_yaml(yaml_path, image_folder, seed: int = 0) -> list[Sample]:
     return _materialise(pending)
 
 
-DEFAULT_HF_COLUMNS = {"image": "image", "question": "question", "answer": "answer"}
-_HF_FIELDS = ("image", "question", "answer", "choices", "id")
-_HF_FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".arrow": "arrow"}
+def load_hf_dataset(path_or_id, **kw) -> list[Sample]:
+    """Samples from a Hugging Face dataset (hub id, `save_to_disk` folder, data files or a
+    folder laid out like a hub repo); see `lmm_ray.skills.hub.load_hf_dataset` for the options."""
+    from lmm_ray.skills.hub import load_hf_dataset as load
 
-
-def _open_hf(path_or_id: str, split: str):
-    import datasets  # optional dependency: only this loader needs it
-
-    p = Path(path_or_id).expanduser()
-    try:
-        if p.is_dir() and any((p / f).exists() for f in ("state.json", "dataset_dict.json")):
-            ds = datasets.load_from_disk(str(p))  # a folder written by save_to_disk
-            if isinstance(ds, datasets.DatasetDict):
-                if split not in ds:
-                    raise DataError(f"{path_or_id}: no split {split!r}; its splits are {sorted(ds)}")
-                ds = ds[split]
-            return ds
-        if p.is_file():
-            builder = _HF_FILE_BUILDERS.get(p.suffix)
-            if builder is None:
-                raise DataError(f"{path_or_id}: cannot load a {p.suffix!r} file; expected one of {sorted(_HF_FILE_BUILDERS)}")
-            return datasets.load_dataset(builder, data_files={split: str(p)}, split=split)
-        if p.is_dir():
-            return datasets.load_dataset(str(p), split=split)
-        if p.is_absolute() or str(path_or_id).startswith((".", "~")):
-            raise DataError(f"{path_or_id}: dataset path not found")
-        return datasets.load_dataset(path_or_id, split=split)  # a hub id
-    except DataError:
-        raise
-    except Exception as e:  # datasets raises many types; name the source either way
-        raise DataError(f"{path_or_id} (split {split!r}): could not load the dataset: {type(e).__name__}: {e}") from e
-
-
-def _most_common(values: list) -> Any:
-    # Counter keeps first-seen order among ties, so a tie goes to the earliest answer.
-    values = [v for v in values if v is not None and str(v).strip()]
-    return Counter(str(v).strip() for v in values).most_common(1)[0][0] if values else None
-
-
-def load_hf_dataset(path_or_id, *, split: str = "train", columns: dict | None = None, n: int | str | None = None,
-                    seed: int = 0, answer_type: str | None = None, skill: str | None = None) -> list[Sample]:
-    """Samples from a Hugging Face dataset: a hub id, a `save_to_disk` folder, or local data
-    files (parquet/json/csv). `columns` maps our fields (image, question, answer, optional
-    choices and id) to the dataset's columns. `n`: the first n rows, or a sampling strategy
-    string such as "random:500" (which uses `seed`). List answers take the most common one."""
-    source = f"{path_or_id} (split {split!r})"
-    _check_answer_type(answer_type, source)
-    unknown = set(columns or {}) - set(_HF_FIELDS)
-    if unknown:
-        raise DataError(f"{source}: columns mapping has unknown field(s) {sorted(unknown)}; fields are {_HF_FIELDS}")
-    cols = {**DEFAULT_HF_COLUMNS, **(columns or {})}
-    sampling = "all" if n is None else (f"first:{n}" if isinstance(n, int) else str(n))
-    try:
-        parse_sampling(sampling)
-    except DataError as e:
-        raise DataError(f"{source}: field 'n': {e}") from None
-
-    ds = _open_hf(str(path_or_id), split)
-    for fld, col in cols.items():
-        if col not in ds.column_names:
-            raise DataError(f"{source}: column {col!r} (for field {fld!r}) is not in the dataset; "
-                            f"its columns are {ds.column_names}")
-    rows = apply_sampling(range(len(ds)), sampling, seed)
-    # Text columns first (no image decoding), so bad rows fail before any image is opened.
-    text = ds.select(rows).select_columns([c for f, c in cols.items() if f != "image"]).to_dict()
-    pending = []
-    for j, i in enumerate(rows):
-        rid = text[cols["id"]][j] if "id" in cols else None
-        where = _where(source, i, rid)
-        q = text[cols["question"]][j]
-        if not isinstance(q, str) or not clean_question(q):
-            raise DataError(f"{where}, field 'question' (column {cols['question']!r}): missing or empty")
-        q = clean_question(q)
-        a = text[cols["answer"]][j]
-        a = _most_common(a) if isinstance(a, (list, tuple)) else a
-        choices = tuple(str(c) for c in text[cols["choices"]][j]) if "choices" in cols else ()
-        if choices and isinstance(a, int) and not isinstance(a, bool) and 0 <= a < len(choices):
-            a = chr(ord("A") + a)  # an index into the choices
-        elif choices and str(a).strip() in choices:
-            a = chr(ord("A") + choices.index(str(a).strip()))  # the option text itself
-        if a is None or not str(a).strip():
-            raise DataError(f"{where}, field 'answer' (column {cols['answer']!r}): missing or empty")
-        if choices and not parse_choices(q):
-            # A choice question shows its options, as in the study's CUB format.
-            q += "\n" + "\n".join(f"{chr(ord('A') + k)}. {c}" for k, c in enumerate(choices))
-        a, kind, choices = _typed_answer(where, "answer", str(a), q, answer_type, choices)
-        pending.append(_Pending(where, None, q, a, kind, choices, skill or "",
-                                str(rid) if rid not in (None, "") else f"{Path(str(path_or_id)).name}-{split}-{i}",
-                                meta={"source": str(path_or_id), "split": split, "index": i}))
-    base = Path(str(path_or_id)) if Path(str(path_or_id)).is_dir() else None
-    images = ds.select(rows)[cols["image"]] if rows else []
-    for p, img in zip(pending, images):
-        if isinstance(img, str) and base is not None and not Path(img).is_absolute():
-            img = base / img  # a relative image path in a local dataset
-        p.image = img
-        p.image_folder = str(base) if base is not None else ""
-    return _materialise(pending)
+    return load(path_or_id, **kw)
 
 
 # ---------------------------------------------------------------- one entry point for sweep configs
 
-_SOURCE_FORMS = (
-    '{"llava_json": path, "image_folder": dir, "sampling": "all", "answer_type": ..., "skill": ...}, '
-    '{"dataset_yaml": path, "image_folder": dir}, '
-    '{"hf": id_or_path, "split": "train", "columns": {...}, "n": ..., "answer_type": ..., "skill": ...}'
+# The seed of every subset a source keeps (`n: random:500`, `sampling: random:10%`): a property
+# of the source, never of the trial, so every trial and every stage evaluate (and train on) the
+# same rows. A source may set its own `seed:`.
+SUBSET_SEED = 0
+
+SOURCE_FORMS = (
+    '{"llava_json": path, "image_folder": dir, "sampling": "all", "answer_type": ..., "skill": ..., "seed": 0}, '
+    '{"dataset_yaml": path, "image_folder": dir, "seed": 0}, '
+    '{"hf": id_or_path, "split": "train", "config": ..., "revision": ..., "columns": {...}, "filter": {...}, '
+    '"multi_image": "first", "n": ..., "seed": 0, "answer_type": ..., "skill": ...}, '
+    '{"benchmark": name, "path": local_copy, "n": ..., "seed": 0, "split": ..., "revision": ..., "skill": ...}'
 )
-_SOURCE_OPTIONS = {
-    "llava_json": {"image_folder", "sampling", "answer_type", "skill"},
-    "dataset_yaml": {"image_folder"},
-    "hf": {"split", "columns", "n", "answer_type", "skill"},
+SOURCE_OPTIONS = {
+    "llava_json": {"image_folder", "sampling", "answer_type", "skill", "seed"},
+    "dataset_yaml": {"image_folder", "seed"},
+    "hf": {"split", "config", "revision", "columns", "filter", "multi_image", "n", "seed", "answer_type", "skill"},
+    "benchmark": {"path", "split", "revision", "n", "seed", "skill"},
 }
+# config.py reads these two names to validate sweep files.
+_SOURCE_FORMS = SOURCE_FORMS
+_SOURCE_OPTIONS = SOURCE_OPTIONS
 
 
-def load_samples(source: dict, *, seed: int = 0) -> list[Sample]:
-    """Samples for a sweep config's data source, one of the forms in _SOURCE_FORMS."""
-    kinds = [k for k in _SOURCE_OPTIONS if isinstance(source, dict) and k in source]
+def check_source(source: Any) -> str:
+    """The kind of a data source (one of SOURCE_OPTIONS), after the checks that need no file:
+    one kind key, known option keys, a valid seed and benchmark name. Raises DataError."""
+    kinds = [k for k in SOURCE_OPTIONS if isinstance(source, dict) and k in source]
     if len(kinds) != 1:
         raise DataError(f"data source {source!r} should have exactly one of the keys "
-                        f"{list(_SOURCE_OPTIONS)}; the forms are: {_SOURCE_FORMS}")
-    kind, s = kinds[0], source
-    extra = set(s) - _SOURCE_OPTIONS[kind] - {kind}
+                        f"{list(SOURCE_OPTIONS)}; the forms are: {SOURCE_FORMS}")
+    kind = kinds[0]
+    extra = set(source) - SOURCE_OPTIONS[kind] - {kind}
     if extra:
-        raise DataError(f"data source {s!r}: unknown key(s) {sorted(extra)} for a {kind!r} source; "
-                        f"allowed: {sorted(_SOURCE_OPTIONS[kind])}")
+        raise DataError(f"data source {source!r}: unknown key(s) {sorted(extra)} for a {kind!r} source; "
+                        f"allowed: {sorted(SOURCE_OPTIONS[kind])}")
+    seed = source.get("seed", SUBSET_SEED)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise DataError(f"data source {source!r}: seed {seed!r} should be an integer >= 0")
+    if kind == "benchmark":
+        from lmm_ray.skills import benchmarks
+
+        benchmarks.get(source["benchmark"])
+    return kind
+
+
+def load_samples(source: dict, *, seed: int | None = None) -> list[Sample]:
+    """Samples for a sweep config's data source, one of the forms in SOURCE_FORMS.
+
+    `seed` is accepted for old callers and not used: subsets are drawn with the source's own
+    `seed` (default SUBSET_SEED), so they never change with the trial's training or
+    evaluation seed."""
+    kind, s = check_source(source), source
+    sub_seed = s.get("seed", SUBSET_SEED)
     if kind == "llava_json":
-        return load_llava_json(s[kind], s.get("image_folder"), sampling=s.get("sampling", "all"), seed=seed,
+        return load_llava_json(s[kind], s.get("image_folder"), sampling=s.get("sampling", "all"), seed=sub_seed,
                                answer_type=s.get("answer_type"), skill=s.get("skill"))
     if kind == "dataset_yaml":
-        return load_dataset_yaml(s[kind], s.get("image_folder"), seed=seed)
-    return load_hf_dataset(s[kind], split=s.get("split", "train"), columns=s.get("columns"), n=s.get("n"),
-                           seed=seed, answer_type=s.get("answer_type"), skill=s.get("skill"))
+        return load_dataset_yaml(s[kind], s.get("image_folder"), seed=sub_seed)
+    meta = None
+    if kind == "benchmark":
+        from lmm_ray.skills import benchmarks
+
+        resolved = benchmarks.resolve(s)
+        s = {k: v for k, v in resolved.items() if k == "hf" or k in SOURCE_OPTIONS["hf"]}
+        meta = {"benchmark": resolved["benchmark"]}
+    from lmm_ray.skills.hub import load_hf_dataset as load
+
+    return load(s["hf"], split=s.get("split", "train"), config=s.get("config"), revision=s.get("revision"),
+                columns=s.get("columns"), filter=s.get("filter"), multi_image=s.get("multi_image"),
+                n=s.get("n"), seed=sub_seed, answer_type=s.get("answer_type"), skill=s.get("skill"), meta=meta)
 
 
 __all__ = [
-    "DataError", "SAMPLING_FORMS", "parse_sampling", "apply_sampling", "clean_question", "parse_choices",
-    "infer_answer_type", "load_llava_json", "load_dataset_yaml", "load_hf_dataset", "load_samples",
+    "DataError", "SAMPLING_FORMS", "SOURCE_FORMS", "SOURCE_OPTIONS", "SUBSET_SEED", "parse_sampling",
+    "apply_sampling", "clean_question", "parse_choices", "infer_answer_type", "load_llava_json",
+    "load_dataset_yaml", "load_hf_dataset", "load_samples", "check_source",
 ]
