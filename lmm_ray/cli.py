@@ -196,6 +196,14 @@ def cmd_pareto(a) -> int:
     return 0
 
 
+def cmd_score(a) -> int:
+    from lmm_ray import score
+
+    r = score.score_file(a.predictions, a.metric, a.aggregation)
+    print(json.dumps(r) if a.json else score.format_result(r))
+    return 0
+
+
 def cmd_train(a) -> int:
     from lmm_ray import final
 
@@ -282,6 +290,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--output", required=True, help="folder for the trained model (save_pretrained)")
     t.add_argument("overrides", nargs="*")
     t.set_defaults(fn=cmd_train)
+
+    sc = sub.add_parser("score", help="re-score a saved predictions JSONL file with a named metric")
+    sc.add_argument("predictions", help="JSONL, one {prediction, answers, [choices], [category]} object a line")
+    sc.add_argument("--metric", "-m", required=True,
+                    help="exact, choice, anls, relaxed, vqa, clock, number, pathvqa_exact, ... (lmm_ray/metrics.py)")
+    sc.add_argument("--aggregation", "-a", default="mean", help="mean (over samples, default) or macro (mean over categories)")
+    sc.add_argument("--json", action="store_true", help='print {"metric", "score" (pp, 0-100), "n", "by_category", ...}')
+    sc.set_defaults(fn=cmd_score)
 
     u = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for a sweep")
     u.add_argument("sweep", nargs="?", help="sweep file or storage folder")

@@ -64,11 +64,14 @@ class HeldoutConfig:
 
 STAGE_KEYS = ("name", "skill", "data", "eval_data", "steps", "epochs")
 HELDOUT_KEYS = ("name", "skill", "data")
-_PATH_KEYS = ("llava_json", "dataset_yaml", "image_folder")
+_PATH_KEYS = ("llava_json", "dataset_yaml", "image_folder", "path")  # `path`: a benchmark's local copy
 
 
 def _data_source(d, where: str, base_dir: Path | None) -> dict:
-    from lmm_ray.skills.loaders import _SOURCE_FORMS, _SOURCE_OPTIONS, DataError, parse_sampling
+    from lmm_ray.errors import DataError
+    from lmm_ray.skills.loaders import SOURCE_FORMS as _SOURCE_FORMS
+    from lmm_ray.skills.loaders import SOURCE_OPTIONS as _SOURCE_OPTIONS
+    from lmm_ray.skills.loaders import check_source, parse_sampling
     from lmm_ray.skills.schema import ANSWER_TYPES
 
     if not isinstance(d, dict):
@@ -91,6 +94,10 @@ def _data_source(d, where: str, base_dir: Path | None) -> dict:
             parse_sampling(v)
         except DataError as e:
             raise ConfigError(join(where, key), str(e), "write e.g. 500, 'first:500', 'random:10%' or 'all'") from None
+    try:
+        check_source(d)  # seeds, benchmark names: what the loader itself checks without a file
+    except DataError as e:
+        raise ConfigError(where, str(e), "fix the source as the message says (docs/sweep_config.md lists the keys)") from None
     if d.get("answer_type") is not None and d["answer_type"] not in ANSWER_TYPES:
         raise ConfigError(join(where, "answer_type"), f"{d['answer_type']!r} is not an answer type",
                           f"use one of {', '.join(ANSWER_TYPES)}, or leave it out to infer it")

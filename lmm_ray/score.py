@@ -8,18 +8,17 @@ the fix, before any number is printed.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 from lmm_ray import metrics
+from lmm_ray.errors import UserError
 from lmm_ray.registry import UnknownName
 
-EXIT_USAGE = 2  # as cli.py: a user's mistake
 
 
-class ScoreError(ValueError):
+class ScoreError(UserError, ValueError):
     """A predictions file or an argument the user can fix; the message says how."""
 
 
@@ -102,33 +101,3 @@ def format_result(r: dict) -> str:
     for cat, c in r["by_category"].items():
         out.append(f"  {cat}: {c['score']:.2f} (n={c['n']})")
     return "\n".join(out)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="lmm-ray score", description=(
-        "Score a predictions JSONL file with an official metric (percentage points)."))
-    ap.add_argument("path", help="predictions JSONL: one {prediction, answers, ...} object a line")
-    ap.add_argument("--metric", "-m", required=True,
-                    help="one of: " + ", ".join(metrics.METRICS.names()))
-    ap.add_argument("--aggregation", "-a", default="mean",
-                    help="mean (over samples) or macro (mean over categories); default mean")
-    ap.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    return ap
-
-
-def main(argv: list[str] | None = None) -> int:
-    try:
-        a = build_parser().parse_args(argv)
-    except SystemExit as e:  # --help (0) or an argparse usage error (2); argparse printed it
-        return int(e.code or 0)
-    try:
-        r = score_file(a.path, a.metric, a.aggregation)
-    except ScoreError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    print(json.dumps(r) if a.json else format_result(r))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from lmm_ray import metrics as M
+from lmm_ray import cli
 from lmm_ray import score as S
 from lmm_ray.registry import UnknownName
 
@@ -379,9 +380,9 @@ def test_score_file(tmp_path, capsys):
     r = S.score_file(p, "choice")
     assert (r["score"], r["n"], r["path"]) == (50.0, 2, str(p))
     assert r["by_category"] == {"m": {"score": 100.0, "n": 1}, "n": {"score": 0.0, "n": 1}}
-    assert S.main([str(p), "--metric", "choice", "--json"]) == 0
+    assert cli.main(["score", str(p), "--metric", "choice", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["score"] == 50.0
-    assert S.main([str(p), "-m", "choice", "-a", "macro"]) == 0
+    assert cli.main(["score", str(p), "-m", "choice", "-a", "macro"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("choice (macro): 50.00 on 2 predictions") and "  m: 100.00 (n=1)" in out
 
@@ -410,8 +411,8 @@ def test_score_errors_are_value_errors_and_exit_2(tmp_path, capsys):
     assert issubclass(S.ScoreError, ValueError)
     with pytest.raises(S.ScoreError, match="not found"):
         S.score_file(tmp_path / "missing.jsonl", "exact")
-    assert S.main([str(tmp_path / "missing.jsonl"), "-m", "exact"]) == 2
+    assert cli.main(["score", str(tmp_path / "missing.jsonl"), "-m", "exact"]) == 2
     assert "error: predictions file" in capsys.readouterr().err
     p = _write(tmp_path, [{"prediction": "a", "answers": ["a"]}])
-    assert S.main([str(p), "-m", "vqa_acc"]) == 2
+    assert cli.main(["score", str(p), "-m", "vqa_acc"]) == 2
     assert "Valid choices:" in capsys.readouterr().err
