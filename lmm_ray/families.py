@@ -70,6 +70,10 @@ class Family:
     build_image_processor: Callable[[TinySize], Any]
     processor_kwargs: Callable[[TinySize], dict] = field(default=lambda s: {})
     study_checkpoint: str = ""
+    # Dotted paths (from the transformers model, below any peft wrapper) of the ModuleLists that
+    # hold the transformer blocks: FSDP shards each block as one unit (parallel.shard_model), and
+    # memory.estimate counts the largest one as the all-gather peak. Empty: the family cannot be sharded.
+    blocks: tuple[str, ...] = ()
 
     def compiled_roles(self) -> dict[str, list[re.Pattern]]:
         return {r: [re.compile(p) for p in ps] for r, ps in self.roles.items()}
@@ -227,6 +231,7 @@ FAMILIES.register(
             min_pixels=s.image_size**2, max_pixels=s.image_size**2, patch_size=s.patch, merge_size=2, temporal_patch_size=2
         ),
         study_checkpoint="Qwen/Qwen2.5-VL-7B-Instruct",
+        blocks=("model.language_model.layers", "model.visual.blocks"),
     ),
 )
 
@@ -257,6 +262,7 @@ FAMILIES.register(
             vision_aspect_ratio="anyres_max_1",
         ),
         study_checkpoint="llava-hf/llava-onevision-qwen2-7b-ov-hf",
+        blocks=("model.language_model.layers", "model.vision_tower.encoder.layers"),
     ),
 )
 
@@ -278,6 +284,7 @@ FAMILIES.register(
         ),
         processor_kwargs=lambda s: dict(image_seq_length=(s.image_size // s.patch) ** 2 // 4),
         study_checkpoint="OpenGVLab/InternVL3-8B-hf",
+        blocks=("model.language_model.layers", "model.vision_tower.encoder.layer"),
     ),
 )
 
@@ -299,5 +306,6 @@ FAMILIES.register(
             patch_size=2 * s.patch, vision_feature_select_strategy="default", num_additional_image_tokens=1
         ),
         study_checkpoint="llava-hf/llava-1.5-7b-hf",
+        blocks=("model.language_model.layers", "model.vision_tower.encoder.layers"),
     ),
 )
