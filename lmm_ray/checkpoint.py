@@ -28,12 +28,18 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu").contiguous() for n, p in unwrap(model).named_parameters() if p.requires_grad}
 
 
-def save(path: str | Path, model, state: dict) -> Path:
+def save(path: str | Path, model, state: dict, tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the trainable tensors (`tensors`, e.g. gathered from FSDP shards by
+    parallel.full_trainable_state; else read from `model`) and the stage state."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    save_file(trainable_state(model), str(path / TENSORS))
+    save_file(tensors if tensors is not None else trainable_state(model), str(path / TENSORS))
     (path / STATE).write_text(json.dumps(state, indent=1))
     return path
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(path) / TENSORS))
 
 
 def load_state(path: str | Path) -> dict:

@@ -88,7 +88,7 @@ def build_tiny(family_name: str, size: TinySize = TinySize(), seed: int = 0) -> 
     return Loaded(model, build_processor(family, tok, size), family, f"tiny:{family_name}")
 
 
-def load_pretrained(path_or_id: str, *, dtype: torch.dtype | None = None) -> Loaded:
+def load_pretrained(path_or_id: str, *, dtype: torch.dtype | None = None, attn_implementation: str | None = None) -> Loaded:
     """A hub id or a local folder saved with `save_pretrained`: the same code path for both."""
     from transformers import AutoConfig
 
@@ -102,20 +102,24 @@ def load_pretrained(path_or_id: str, *, dtype: torch.dtype | None = None) -> Loa
             "'tiny:<family>' or 'base:<family>'."
         ) from e
     family = family_of_config(config)
-    model = family.model_class.from_pretrained(path_or_id, dtype=dtype or torch.float32)
+    kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = family.model_class.from_pretrained(path_or_id, dtype=dtype or torch.float32, **kw)
     processor = image_only(family.processor_class).from_pretrained(path_or_id)
     return Loaded(model, processor, family, path_or_id)
 
 
-def load_model(ref: str, *, dtype: torch.dtype | None = None) -> Loaded:
-    """Resolve any model reference to a model + processor."""
+def load_model(ref: str, *, dtype: torch.dtype | None = None, attn_implementation: str | None = None) -> Loaded:
+    """Resolve any model reference to a model + processor, with weights in `dtype` (default fp32)."""
     if ref.startswith("tiny:"):
-        return build_tiny(ref.split(":", 1)[1])
+        loaded = build_tiny(ref.split(":", 1)[1])
+        if dtype is not None:
+            loaded.model.to(dtype)
+        return loaded
     if ref.startswith("base:"):
         from lmm_ray import base
 
-        return load_pretrained(str(base.ensure(ref)), dtype=dtype)
-    return load_pretrained(ref, dtype=dtype)
+        ref = str(base.ensure(ref))
+    return load_pretrained(ref, dtype=dtype, attn_implementation=attn_implementation)
 
 
 def model_config(ref: str, *, offline: bool = False):

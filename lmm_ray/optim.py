@@ -46,10 +46,13 @@ class StageStats:
     seconds: float
 
 
+def amp(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to `dtype` on `device`, or nothing when dtype is None."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
 def _amp(device: torch.device, precision: str):
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
+    return amp(device, torch.bfloat16 if precision == "bf16" or (precision == "auto" and device.type == "cuda") else None)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -108,11 +111,15 @@ def train_stage(
         for m in range(0, per_rank, micro):
             batch = to_device(collate([encs[i] for i in idx[m : m + micro].tolist()], pad_id), device)
             with _amp(device, precision):
-                out = model(**batch)
-                loss = out.loss
+                # The teacher runs first: it may swap weights in place (train.StageStartTeacher),
+                # which must not happen between the student's forward and its backward.
+                t_logits = None
                 if teacher is not None and lwf:
                     with torch.no_grad():
                         t_logits = teacher(**{k: v for k, v in batch.items() if k != "labels"}).logits
+                out = model(**batch)
+                loss = out.loss
+                if t_logits is not None:
                     loss = loss + lwf.get("weight", 1.0) * lwf_loss(out.logits, t_logits, batch["labels"], lwf.get("temperature", 2.0))
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"loss became {loss.item()} at stage {stage}, step {step + 1} (lr={lr:g})")

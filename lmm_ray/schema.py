@@ -159,7 +159,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0  # null: no clipping
     n_train: int = 2048  # generated samples per stage pool
-    precision: str = "auto"
+    precision: str = "auto"  # compute dtype: auto = bf16 on a GPU, fp32 on the CPU
+    weight_dtype: str = "auto"  # storage of frozen weights: auto = bf16 on a GPU, fp32 on the CPU
+    attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
     seed: int = 0
 
@@ -202,8 +204,9 @@ class ResourcesConfig:
     num_workers: int = 1
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
-    strategy: str = "ddp"
+    strategy: str = "ddp"  # ddp | fsdp | auto (the memory estimate picks)
     max_failures: int = 1
+    gpu_memory_gb: float | None = None  # per GPU; validate refuses a recipe that cannot fit (default: the local GPU's)
 
 
 @dataclass(frozen=True)
@@ -220,6 +223,8 @@ TRAIN_RULES = {
     "max_grad_norm": R(float, gt(0), nullable=True),
     "n_train": R(int, ge(1)),
     "precision": R(str, choices=("auto", "fp32", "bf16")),
+    "weight_dtype": R(str, choices=("auto", "fp32", "bf16")),
+    "attn_implementation": R(str, choices=("sdpa", "eager", "flash_attention_2")),
     "gradient_checkpointing": R(bool),
     "seed": R(int, ge(0)),
 }
@@ -249,8 +254,9 @@ RESOURCES_RULES = {
     "num_workers": R(int, ge(1)),
     "cpus_per_worker": R(float, gt(0)),
     "gpus_per_worker": R(float, ge(0)),
-    "strategy": R(str, choices=("ddp", "fsdp")),
+    "strategy": R(str, choices=("ddp", "fsdp", "auto")),
     "max_failures": R(int, ge(-1)),
+    "gpu_memory_gb": R(float, gt(0), nullable=True),
 }
 TRACKING_RULES = {"mlflow_uri": R(str, nullable=True), "experiment": R(str, nullable=True)}
 _OBJ_NAMES = {"lam": "lambda"}

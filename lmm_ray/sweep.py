@@ -24,6 +24,7 @@ from lmm_ray.config import SweepConfig
 from lmm_ray.errors import SweepError
 from lmm_ray.results import Store
 from lmm_ray.schema import is_uri
+from lmm_ray.train import BASE_FILE  # in the sweep's folder too: the base evaluation every trial shares
 from lmm_ray.trial import trial_spec
 
 TUNE_DIR = "tune"
@@ -111,14 +112,14 @@ def make_trial_fn(cfg: SweepConfig, base_packed: dict):
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    storage = cfg.sweep_dir.rstrip("/") + "/train" if is_uri(cfg.sweep_dir) else str(Path(cfg.sweep_dir) / "train")
+    storage = _train_storage(cfg)
 
     def trial(sampled: dict) -> None:
         tid = ray.tune.get_context().get_trial_id()
         spec = trial_spec(cfg, sampled, tid)
         ray.train.torch.TorchTrainer(
             quiet_train_loop,
-            train_loop_config={"trial": spec.to_dict(), "base_eval": base_packed, "strategy": cfg.resources.strategy,
+            train_loop_config={"trial": spec.to_dict(), "base_eval": base_packed,
                                "threads": max(1, int(cfg.resources.cpus_per_worker))},
             scaling_config=_scaling(cfg),
             run_config=ray.train.RunConfig(
@@ -134,6 +135,31 @@ def make_trial_fn(cfg: SweepConfig, base_packed: dict):
         ).fit()
 
     return trial
+
+
+def evaluate_base(cfg: SweepConfig) -> str:
+    """The base model evaluated once per sweep, on Ray Train with a trial's resources (GPUs, and
+    sharded over the workers like a trial); returns the text of base_eval.json."""
+    import ray.train
+    import ray.train.torch
+
+    from lmm_ray.train import base_loop_per_worker
+
+    spec = trial_spec(cfg, cfg.search_space.example(), trial_id="base")
+    result = ray.train.torch.TorchTrainer(
+        base_loop_per_worker,
+        train_loop_config={"trial": spec.to_dict(), "threads": max(1, int(cfg.resources.cpus_per_worker))},
+        scaling_config=_scaling(cfg),
+        run_config=ray.train.RunConfig(name="base", storage_path=_train_storage(cfg),
+                                       logging_config=ray.train.LoggingConfig(log_level="WARNING")),
+    ).fit()
+    with result.checkpoint.as_directory() as d:
+        return (Path(d) / BASE_FILE).read_text()
+
+
+def _train_storage(cfg: SweepConfig) -> str:
+    """Where Ray Train keeps the trials' checkpoints: <sweep>/train."""
+    return cfg.sweep_dir.rstrip("/") + "/train" if is_uri(cfg.sweep_dir) else str(Path(cfg.sweep_dir) / "train")
 
 
 class StageAwareOptunaSearch(OptunaSearch):
@@ -252,7 +278,7 @@ def run(cfg: SweepConfig, *, resume: bool = False, address: str | None = None) -
     import ray.tune
 
     from lmm_ray import validate
-    from lmm_ray.train import base_evaluation, pack_base, unpack_base
+    from lmm_ray.train import unpack_base
 
     print(validate.check(cfg, address=address), flush=True)  # everything that can fail before Ray starts
     store = Store(cfg.sweep_dir)
@@ -272,16 +298,11 @@ def run(cfg: SweepConfig, *, resume: bool = False, address: str | None = None) -
         store.write_text("sweep.json", json.dumps(cfg.to_dict(), indent=1, default=str))
         parent = tracking.parent_run(cfg.mlflow_uri, cfg.experiment, cfg.name, cfg.to_dict(),
                                      None if store.is_uri else str(store.local / "mlartifacts"))
-        if store.exists("base_eval.json"):
-            packed = json.loads(store.read_text("base_eval.json"))
-            packed["probe"] = bytes.fromhex(packed["probe"])
-        else:
+        if not store.exists(BASE_FILE):
             print(f"[lmm_ray] evaluating the base model {cfg.model} once for the whole sweep ...", file=sys.stderr, flush=True)
-            r = cfg.resources
-            task = ray.remote(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker)(
-                lambda spec: pack_base(*base_evaluation(spec)))
-            packed = ray.get(task.remote(trial_spec(cfg, cfg.search_space.example())))
-            store.write_text("base_eval.json", json.dumps({**packed, "probe": packed["probe"].hex()}))
+            store.write_text(BASE_FILE, evaluate_base(cfg))
+        packed = json.loads(store.read_text(BASE_FILE))
+        packed["probe"] = bytes.fromhex(packed["probe"])
         base_metrics, _ = unpack_base(packed)
         trainable = ray.tune.with_resources(make_trial_fn(cfg, packed), cluster.TRIAL_DRIVER_RESOURCES)
         logger = tracking.TrialLogger(cfg.mlflow_uri, cfg.experiment, cfg.name, parent, _flat_config(cfg), len(cfg.stages))

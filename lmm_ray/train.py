@@ -1,16 +1,21 @@
 """A trial: fine-tune the base model through the skill stages with one recipe, evaluating after each.
 
 `run_trial` is the loop itself and knows nothing of Ray; `train_loop_per_worker` is the Ray
-Train entry point that wraps it (DDP, checkpoints, `ray.train.report`). `lmm-ray train` and the
-benchmarks call `run_trial` directly, so the loop measured plainly is the loop Ray runs.
+Train entry point that wraps it (DDP or FSDP2, checkpoints, `ray.train.report`). The benchmarks
+call `run_trial` directly, so the loop measured plainly is the loop Ray runs.
 
-Per stage s: build the stage's training pool, train, evaluate every target and held-out skill
-(the probe reads the same logits), aggregate with objective.py, checkpoint, report.
+Per stage s: build the stage's training pool, train, evaluate every target and held-out skill on
+every rank (each rank its slice; parallel.evaluate_sharded), aggregate with objective.py,
+checkpoint the trainable tensors, report.
+
+Precision (`train.weight_dtype`, `train.precision`; "auto" = bf16 on a GPU, fp32 on the CPU):
+frozen weights are stored in the weight dtype; trainable weights are fp32 master weights (an
+AdamW step is ~1e-5 of a weight, below bf16's resolution), their gradients and AdamW moments fp32
+too; forward and backward compute in bf16 (autocast under DDP, FSDP's param_dtype under FSDP).
 """
 
 from __future__ import annotations
 
-import copy
 import os
 import tempfile
 from pathlib import Path
@@ -18,8 +23,8 @@ from typing import Callable
 
 import torch
 
-from lmm_ray import checkpoint, data, objective
-from lmm_ray.optim import NonFiniteLoss, train_stage
+from lmm_ray import checkpoint, data, objective, parallel
+from lmm_ray.optim import NonFiniteLoss, amp, train_stage
 from lmm_ray.trial import TrialSpec
 
 
@@ -58,19 +63,105 @@ def stage_pool(spec: TrialSpec, s: int):
 
 
 # ---------------------------------------------------------------------------------------------
+# Precision and placement
+
+
+def dtypes(spec: TrialSpec, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
+    """(weight dtype, compute dtype or None for no casting) of a trial on `device`."""
+    gpu = device.type == "cuda"
+    weight = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(spec.train.weight_dtype,
+                                                                   torch.bfloat16 if gpu else torch.float32)
+    compute = torch.bfloat16 if spec.train.precision == "bf16" or (spec.train.precision == "auto" and gpu) else None
+    return weight, compute
+
+
+def load(spec: TrialSpec, device: torch.device | None = None):
+    """The base model in the trial's weight dtype and attention implementation, on `device`."""
+    from lmm_ray import models
+
+    device = device or torch.device("cpu")
+    weight, _ = dtypes(spec, device)
+    loaded = models.load_model(spec.model, dtype=weight, attn_implementation=spec.train.attn_implementation)
+    loaded.model.to(device)
+    return loaded
+
+
+def prepare(spec: TrialSpec, device: torch.device | None = None, loaded=None):
+    """Load the base model and apply the trial's recipe. Returns (loaded, model, resolved); the
+    trainable parameters are fp32 master weights whatever the weight dtype (see the module docstring)."""
+    from lmm_ray import recipes
+
+    loaded = loaded or load(spec, device)
+    if spec.train.gradient_checkpointing:
+        loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model, resolved = recipes.apply(loaded.model, loaded.family, spec.recipe)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+                p.data = p.data.float()  # .data keeps the Parameter objects peft refers to
+    return loaded, model, resolved
+
+
+def distribute(spec: TrialSpec, loaded, model, world: int):
+    """The module the optimizer steps: the model itself (one worker), DDP, or the model sharded in
+    place with FSDP2 (`parallel.shard_model`); with more than one worker wrapped so that a
+    non-finite loss on any rank stops every rank at the same step."""
+    if world <= 1:
+        return model
+    if spec.strategy == "fsdp":
+        _, compute = dtypes(spec, next(model.parameters()).device)
+        parallel.shard_model(model, loaded.family, mp_dtype=compute)
+        return SyncNonFinite(model)
+    from torch.nn.parallel import DistributedDataParallel
+
+    dev = next(p for p in model.parameters() if p.requires_grad).device
+    return SyncNonFinite(DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None))
+
+
+class StageStartTeacher:
+    """LwF's teacher without a second model: the same (possibly sharded) model, run with the
+    trainable tensors it had at the start of the stage swapped in. Costs a copy of the trainable
+    tensors (this rank's shards) and one extra forward per micro-batch; a deep copy of the whole
+    model would double the weights in memory, which at 7B is what does not fit."""
+
+    def __init__(self, model):
+        self.model = model
+        self.start = parallel.snapshot_trainable(model)
+
+    def __call__(self, **batch):
+        params = dict(parallel.trainable_named(self.model))
+        with torch.no_grad():
+            local = {n: (p.to_local() if hasattr(p, "to_local") else p) for n, p in params.items()}
+            now = {n: t.clone() for n, t in local.items()}
+            was_training = self.model.training
+            try:
+                for n, t in local.items():
+                    t.copy_(self.start[n])
+                self.model.eval()  # the teacher runs without dropout
+                return self.model(**batch)
+            finally:
+                self.model.train(was_training)
+                for n, t in local.items():
+                    t.copy_(now[n])
+
+
+# ---------------------------------------------------------------------------------------------
 # Base evaluation: computed once per sweep and shared by every trial
 
 
 def base_evaluation(spec: TrialSpec, loaded=None, eval_sets=None):
-    """(stage-0 metrics, ProbeBase) of the untuned model: what every trial of a sweep shares."""
-    from lmm_ray import evaluate, models, probe
+    """(stage-0 metrics, ProbeBase) of the untuned model: what every trial of a sweep shares.
+    Under torch.distributed every rank must call it (each evaluates its slice)."""
+    from lmm_ray import evaluate, probe
 
-    loaded = loaded or models.load_model(spec.model)
+    loaded = loaded or load(spec)
     if eval_sets is None:
         samples, kinds = eval_samples(spec)
         eval_sets = evaluate.build_eval_sets(loaded.processor, samples, kinds)
-    report = evaluate.evaluate(loaded.model, loaded.processor, eval_sets, batch_size=spec.eval.batch_size,
-                               max_new_tokens=spec.eval.max_new_tokens)
+    device = next(loaded.model.parameters()).device
+    with amp(device, dtypes(spec, device)[1]):
+        report = parallel.evaluate_sharded(loaded.model, loaded.processor, eval_sets, batch_size=spec.eval.batch_size,
+                                           max_new_tokens=spec.eval.max_new_tokens)
     probe_base = probe.ProbeBase.from_report(report)
     report.set_probe_base(probe_base)  # stage 0 gets the same keys as later stages (KL and bias 0)
     return report.metrics(), probe_base
@@ -97,19 +188,6 @@ def unpack_base(packed: dict):
 Report = Callable[[dict, "str | None"], None]  # (metrics, checkpoint dir or None)
 
 
-def prepare(spec: TrialSpec, device: torch.device | None = None):
-    """Load the base model and apply the trial's recipe. Returns (loaded, model, resolved)."""
-    from lmm_ray import models, recipes
-
-    loaded = models.load_model(spec.model)
-    if spec.train.gradient_checkpointing:
-        loaded.model.gradient_checkpointing_enable()
-    model, resolved = recipes.apply(loaded.model, loaded.family, spec.recipe)
-    if device is not None:
-        model.to(device)
-    return loaded, model, resolved
-
-
 def run_trial(
     spec: TrialSpec,
     report: Report,
@@ -121,16 +199,21 @@ def run_trial(
     base: tuple | None = None,
     rank: int = 0,
     world_size: int = 1,
-    ddp_model=None,
+    train_model=None,
     ckpt_root: str | None = None,
 ) -> list[dict]:
-    """Run (or resume) every stage; call `report(metrics, ckpt_dir)` after each. Returns the history."""
+    """Run (or resume) every stage; call `report(metrics, ckpt_dir)` after each. Returns the history.
+
+    `train_model` is what `distribute` returned (DDP / FSDP); every rank runs this same function,
+    evaluates its slice, and gets the same history. Only rank 0 writes checkpoints."""
     from lmm_ray import evaluate
 
     if model is None:
         loaded, model, resolved = prepare(spec)
-    train_model = ddp_model or model
+    train_model = train_model or model
     tr, ev, rspec = spec.train, spec.eval, spec.recipe
+    device = next(model.parameters()).device
+    compute = dtypes(spec, device)[1]
     samples, kinds = eval_samples(spec)
     eval_sets = evaluate.build_eval_sets(loaded.processor, samples, kinds)
     if base is None:  # a plain run: evaluate the base here (the recipe has not changed any weight yet)
@@ -139,7 +222,8 @@ def run_trial(
     history: list[dict] = [base_metrics]
     start = 0
     if restore_dir:
-        state = checkpoint.restore(restore_dir, model)
+        parallel.load_trainable_state(model, checkpoint.load_tensors(restore_dir))
+        state = checkpoint.load_state(restore_dir)
         history, start = state["history"], state["stage"]
     fixed = {"trainable": resolved.trainable, "total_params": resolved.total, "trainable_share": resolved.share,
              **{f"roles/{r}": n for r, n in resolved.by_role.items()}}
@@ -151,8 +235,8 @@ def run_trial(
     for s in range(start, len(spec.stages)):
         pool = data.encode_train(loaded.processor, stage_pool(spec, s))
         steps = spec.stage_steps(s, len(pool))
-        teacher = copy.deepcopy(model).eval() if rspec.lwf else None
-        prev = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad} if rspec.wise_ft else None
+        teacher = StageStartTeacher(model) if rspec.lwf else None
+        prev = parallel.snapshot_trainable(model) if rspec.wise_ft else None
         try:
             stats = train_stage(
                 train_model, pool, steps=steps, lr=spec.lr, batch_size=tr.batch_size, grad_accum=tr.grad_accum,
@@ -165,26 +249,21 @@ def run_trial(
             report({**_stage_metrics(spec, history, fixed, {}), "failed": 1, "failure_reason": str(e)}, None)
             return history
         if prev is not None:
-            alpha = float(rspec.wise_ft.get("alpha", 0.5))
-            with torch.no_grad():
-                for n, p in model.named_parameters():
-                    if n in prev:
-                        p.mul_(1 - alpha).add_(prev[n], alpha=alpha)
+            parallel.wise_ft_(model, prev, float(rspec.wise_ft.get("alpha", 0.5)))
         del teacher, prev
-        if rank == 0:
-            result = evaluate.evaluate(model, loaded.processor, eval_sets, batch_size=ev.batch_size,
-                                       max_new_tokens=ev.max_new_tokens, probe_base=probe_base)
-            history.append(result.metrics())
-        else:  # only rank 0's report reaches Tune: the other ranks skip the evaluation
-            history.append(history[-1])
+        with amp(device, compute):
+            result = parallel.evaluate_sharded(model, loaded.processor, eval_sets, batch_size=ev.batch_size,
+                                               max_new_tokens=ev.max_new_tokens, probe_base=probe_base)
+        history.append(result.metrics())
         extra = {"train_loss_first": stats.loss_first, "train_loss_last": stats.loss_last,
                  "stage_train_seconds": stats.seconds, "stage_steps": stats.steps}
         metrics = _stage_metrics(spec, history, fixed, extra)
         state = {"stage": s + 1, "history": history, "recipe_name": spec.recipe_name, "recipe": spec.recipe.to_dict(),
                  "model": spec.model, "trial_id": spec.trial_id, "lr": spec.lr}
+        tensors = parallel.full_trainable_state(model)  # a collective under FSDP: every rank takes part
         if rank == 0:
             with tempfile.TemporaryDirectory(dir=ckpt_root) as d:
-                checkpoint.save(d, model, state)
+                checkpoint.save(d, model, state, tensors=tensors)
                 report(metrics, d)
         else:
             report(metrics, None)
@@ -202,15 +281,15 @@ def _stage_metrics(spec: TrialSpec, history: list[dict], fixed: dict, extra: dic
 
 
 # ---------------------------------------------------------------------------------------------
-# Ray Train entry point
+# Ray Train entry points
 
 
 class SyncNonFinite(torch.nn.Module):
-    """Wraps a DDP model so that a loss that is non-finite on any rank is non-finite on every rank.
+    """Wraps a DDP or FSDP model so that a loss that is non-finite on any rank is non-finite on every rank.
 
-    `train_stage` stops a trial when its loss is NaN/inf, before `backward`. Under DDP the ranks see
+    `train_stage` stops a trial when its loss is NaN/inf, before `backward`. The ranks see
     different slices of a batch, so one rank can overflow while the others do not: the finite ranks
-    would then wait forever in backward's gradient all-reduce (and the report barrier) for the rank
+    would then wait forever in backward's gradient collectives (and the report barrier) for the rank
     that stopped. With this wrapper every rank raises NonFiniteLoss at the same step and reports the
     failure once. Costs one 1-element all-reduce per micro-batch.
     """
@@ -221,7 +300,7 @@ class SyncNonFinite(torch.nn.Module):
 
     @property
     def module(self):  # what checkpoint.unwrap and callers of a DDP model expect
-        return self.ddp.module
+        return getattr(self.ddp, "module", self.ddp)
 
     def forward(self, *args, **kwargs):
         import torch.distributed as dist
@@ -235,21 +314,23 @@ class SyncNonFinite(torch.nn.Module):
         return out
 
 
-def train_loop_per_worker(config: dict) -> None:
-    """Runs in every Ray Train worker. `config["trial"]` is a TrialSpec dict."""
+def _worker_setup(config: dict):
     import ray.train
     import ray.train.torch
 
     spec = TrialSpec.from_dict(config["trial"])
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(config.get("threads", os.cpu_count() or 1))))
-    device = ray.train.torch.get_device()
+    return spec, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs in every Ray Train worker of a trial. `config["trial"]` is a TrialSpec dict."""
+    import ray.train
+
+    spec, rank, world, device = _worker_setup(config)
     loaded, model, resolved = prepare(spec, device)
-    ddp_model = None
-    if world > 1:
-        ddp_model = SyncNonFinite(
-            ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy=config.get("strategy", "ddp")))
+    train_model = distribute(spec, loaded, model, world)
     ckpt = ray.train.get_checkpoint()
     base = unpack_base(config["base_eval"]) if config.get("base_eval") else None
 
@@ -257,10 +338,33 @@ def train_loop_per_worker(config: dict) -> None:
         ck = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
         ray.train.report(metrics, checkpoint=ck)
 
+    kw = dict(loaded=loaded, model=model, resolved=resolved, base=base, rank=rank, world_size=world, train_model=train_model)
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            run_trial(spec, report, loaded=loaded, model=model, resolved=resolved, restore_dir=d, base=base,
-                      rank=rank, world_size=world, ddp_model=ddp_model)
+            run_trial(spec, report, restore_dir=d, **kw)
     else:
-        run_trial(spec, report, loaded=loaded, model=model, resolved=resolved, base=base, rank=rank,
-                  world_size=world, ddp_model=ddp_model)
+        run_trial(spec, report, **kw)
+
+
+BASE_FILE = "base_eval.json"
+
+
+def base_loop_per_worker(config: dict) -> None:
+    """The sweep's base evaluation with a trial's resources: every worker loads the base model
+    (sharded like a trial under FSDP) and evaluates its slice; rank 0 reports the packed result as
+    a checkpoint holding `base_eval.json`."""
+    import json
+
+    import ray.train
+
+    spec, rank, world, device = _worker_setup(config)
+    loaded = load(spec, device)
+    if world > 1 and spec.strategy == "fsdp":
+        parallel.shard_model(loaded.model, loaded.family, mp_dtype=dtypes(spec, device)[1])
+    packed = pack_base(*base_evaluation(spec, loaded=loaded))
+    if rank == 0:
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / BASE_FILE).write_text(json.dumps({**packed, "probe": packed["probe"].hex()}))
+            ray.train.report({"done": 1}, checkpoint=ray.train.Checkpoint.from_directory(d))
+    else:
+        ray.train.report({"done": 1})

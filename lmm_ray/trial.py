@@ -35,6 +35,7 @@ class TrialSpec:
     lam: float = 1.0  # objective weights (objective.py)
     mu: float = 100.0
     trial_id: str = "local"
+    strategy: str = "ddp"  # ddp | fsdp with more than one worker (resolved: never "auto" here)
 
     @property
     def recipe_name(self) -> str:
@@ -56,7 +57,7 @@ class TrialSpec:
         return {"model": self.model, "recipe_name": self.recipe.name, "recipe": self.recipe.to_dict(), "lr": self.lr,
                 "stages": [asdict(s) for s in self.stages], "heldout": [asdict(h) for h in self.heldout],
                 "train": asdict(self.train), "eval": asdict(self.eval), "lam": self.lam, "mu": self.mu,
-                "trial_id": self.trial_id}
+                "trial_id": self.trial_id, "strategy": self.strategy}
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrialSpec":
@@ -66,7 +67,7 @@ class TrialSpec:
                    stages=tuple(StageConfig(**s) for s in d["stages"]),
                    heldout=tuple(HeldoutConfig(**h) for h in d["heldout"]),
                    train=TrainConfig(**d["train"]), eval=EvalConfig(**d["eval"]), lam=d["lam"], mu=d["mu"],
-                   trial_id=d["trial_id"])
+                   trial_id=d["trial_id"], strategy=d.get("strategy", "ddp"))
 
 
 def trial_spec(cfg: SweepConfig, sampled: dict, trial_id: str = "local") -> TrialSpec:
@@ -82,4 +83,18 @@ def trial_spec(cfg: SweepConfig, sampled: dict, trial_id: str = "local") -> Tria
         lam=cfg.objective.lam,
         mu=cfg.objective.mu,
         trial_id=trial_id,
+        strategy=resolved_strategy(cfg, trial_recipe(cfg.search_space, sampled).name),
     )
+
+
+def resolved_strategy(cfg: SweepConfig, recipe: str) -> str:
+    """ddp or fsdp: `auto` takes DDP when the recipe fits one GPU's memory budget replicated, else FSDP
+    (memory.estimate on the model's configuration; CPU trials and one-worker trials take DDP)."""
+    r = cfg.resources
+    if r.strategy != "auto":
+        return r.strategy
+    if r.num_workers <= 1 or not r.gpus_per_worker:
+        return "ddp"
+    from lmm_ray import memory
+
+    return memory.pick_strategy(cfg, recipe)
