@@ -62,12 +62,14 @@ def restore(path: str | Path, model) -> dict:
     return load_state(path)
 
 
-def to_full_model(ckpt: str | Path, out_dir: str | Path, model_ref: str | None = None) -> Path:
-    """Apply a checkpoint to its base model and save a full model folder (model, tokenizer, processor)."""
+def to_full_model(ckpt: str | Path, out_dir: str | Path, model_ref: str | None = None,
+                  dtype: torch.dtype | None = None) -> Path:
+    """Apply a checkpoint to its base model and save a full model folder (model, tokenizer, processor),
+    with weights in `dtype` (default fp32)."""
     from lmm_ray import models, recipes
 
     state = load_state(ckpt)
-    loaded = models.load_model(model_ref or state["model"])
+    loaded = models.load_model(model_ref or state["model"], dtype=dtype)
     spec = recipes.RecipeSpec.from_dict(state["recipe_name"], state["recipe"])
     model, _ = recipes.apply(loaded.model, loaded.family, spec)
     restore(ckpt, model)

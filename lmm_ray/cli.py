@@ -207,7 +207,7 @@ def cmd_score(a) -> int:
 def cmd_train(a) -> int:
     from lmm_ray import final
 
-    final.train_choice(a.sweep, a.choice, a.output, overrides=a.overrides)
+    final.train_choice(a.sweep, a.choice, a.output, overrides=a.overrides, address=a.address)
     return 0
 
 
@@ -289,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--choice", required=True, help="the picked trial's values, as `lmm-ray pareto --export` writes them")
     t.add_argument("--output", required=True, help="folder for the trained model (save_pretrained)")
     t.add_argument("overrides", nargs="*")
+    t.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     t.set_defaults(fn=cmd_train)
 
     sc = sub.add_parser("score", help="re-score a saved predictions JSONL file with a named metric")
