@@ -74,9 +74,24 @@ def block_modules(model, family) -> list[nn.Module]:
             raise ValueError(f"family {family.name!r}: the model {type(base).__name__} has no module {path!r} "
                              f"(Family.blocks names {list(family.blocks)}); did transformers rename it?") from None
         if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
-            raise ValueError(f"family {family.name!r}: {path!r} is a {type(blocks).__name__}, not a non-empty ModuleList of blocks")
+            raise ValueError(f"family {family.name!r}: {path!r} is a {type(blocks).__name__}, "
+                             "not a non-empty ModuleList of blocks")
         out.extend(blocks)
     return out
+
+
+def upcast_trainable_(model) -> int:
+    """Make every trainable floating parameter fp32 in place (the optimizer's master weights; see the
+    module docstring); frozen ones keep their dtype. Assigning `.data` keeps the Parameter objects,
+    which peft and any optimizer refer to. `shard_model` calls it; a DDP run on a bf16-loaded model
+    should call it after `recipes.apply`. Returns how many parameters it converted."""
+    n = 0
+    with torch.no_grad():
+        for p in unwrap(model).parameters():
+            if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+                p.data = p.data.float()
+                n += 1
+    return n
 
 
 def is_sharded(model) -> bool:
@@ -110,12 +125,7 @@ def shard_model(model, family, *, mp_dtype: torch.dtype | None, reshard_after_fo
     params = list(base.parameters())
     if any(p.is_meta for p in params):
         raise ValueError("shard_model: the model has parameters on the meta device; load real weights first")
-    with torch.no_grad():
-        for p in params:
-            # fp32 master weights for what the optimizer updates (see the module docstring). Assigning
-            # .data keeps the Parameter objects, which peft and any later optimizer refer to.
-            if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
-                p.data = p.data.float()
+    upcast_trainable_(model)
     if mp_dtype is None:
         dtypes = {p.dtype for p in params if p.is_floating_point()}
         if len(dtypes) > 1:

@@ -105,7 +105,7 @@ def _generate(model, batch, **kw):
 
 
 def _worker(rank: int, world: int, tmp: str) -> None:
-    from lmm_ray import evaluate, parallel
+    from lmm_ray import parallel
 
     torch.set_num_threads(1)
     # A timeout, so that a rank left waiting in a collective fails the test instead of hanging it.
@@ -190,6 +190,16 @@ def _bf16_policy(rank: int, world: int) -> dict:
     out["trainable_dtypes"] = {p.dtype for p in trainable}
     out["frozen_dtypes"] = {p.dtype for p in model.parameters() if not p.requires_grad}
     out["adam_dtypes"] = {v.dtype for s in opt.state.values() for k, v in s.items() if k in ("exp_avg", "exp_avg_sq")}
+    local = [p.to_local() for p in trainable]
+
+    def nbytes(ts):
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    out["local_bytes"] = {  # what this rank holds, for memory.estimate
+        "frozen_weights": nbytes(p.to_local() for p in model.parameters() if not p.requires_grad),
+        "trainable_weights": nbytes(local), "gradients": nbytes(p.grad.to_local() for p in trainable),
+        "optimizer": nbytes(v.to_local() if isinstance(v, DTensor) else v for st in opt.state.values() for v in st.values()),
+    }
     out["moved"] = all(not torch.equal(b, p.to_local()) for b, p in zip(before, trainable) if p.to_local().numel())
     out["loss"] = loss.item()
     return out
@@ -262,7 +272,7 @@ def test_state_round_trip_and_wise_ft(sharded):
 
 
 def test_generation_matches_unsharded(sharded, reference):
-    from lmm_ray import checkpoint, evaluate
+    from lmm_ray import evaluate
 
     model, loaded, eval_sets, _ = reference["sa_proj"]
     # The FSDP run's exact weights, so that generation is compared on equal weights.
@@ -302,6 +312,17 @@ def test_bf16_policy(sharded):
         assert b["adam_dtypes"] == {torch.float32}
         assert b["loss_dtype"] == torch.float32 and torch.isfinite(torch.tensor(b["loss"]))
         assert b["moved"]
+
+
+def test_memory_estimate_is_exact_per_rank(sharded):
+    """memory.estimate's FSDP parts are the bytes rank 0 holds (ceil(dim0 / 2) rows of every
+    parameter, its gradient and AdamW moments); rank 1 holds at most as much."""
+    from lmm_ray import memory
+
+    est = memory.estimate("tiny:qwen2_5_vl", "sa_proj", workers=WORLD, strategy="fsdp", weight_dtype="bf16")
+    want = {k: est["parts"][k] for k in sharded[0]["bf16"]["local_bytes"]}
+    assert sharded[0]["bf16"]["local_bytes"] == want
+    assert all(sharded[1]["bf16"]["local_bytes"][k] <= v for k, v in want.items())
 
 
 def test_shard_indices_and_unpad():
