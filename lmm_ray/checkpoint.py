@@ -24,16 +24,27 @@ def unwrap(model):
     return model.module if hasattr(model, "module") else model
 
 
+def _sharded(params) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in params)
+
+
 def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().to("cpu").contiguous() for n, p in unwrap(model).named_parameters() if p.requires_grad}
+    params = [(n, p) for n, p in unwrap(model).named_parameters() if p.requires_grad]
+    if _sharded(p for _, p in params):
+        # Gathering is a collective: one rank alone would wait forever for the others.
+        raise ValueError("the model is sharded (FSDP): call parallel.full_trainable_state(model) on every rank "
+                         "and pass its result to checkpoint.save(..., tensors=...) on rank 0")
+    return {n: p.detach().to("cpu").contiguous() for n, p in params}
 
 
 def save(path: str | Path, model, state: dict, tensors: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write the trainable tensors (`tensors`, e.g. gathered from FSDP shards by
-    parallel.full_trainable_state; else read from `model`) and the stage state."""
+    """Write a checkpoint folder. `tensors`: the trainable tensors when they were gathered already
+    (a sharded model: `parallel.full_trainable_state`); by default they are read off `model`."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    save_file(tensors if tensors is not None else trainable_state(model), str(path / TENSORS))
+    save_file(trainable_state(model) if tensors is None else tensors, str(path / TENSORS))
     (path / STATE).write_text(json.dumps(state, indent=1))
     return path
 
@@ -47,7 +58,8 @@ def load_state(path: str | Path) -> dict:
 
 
 def restore(path: str | Path, model) -> dict:
-    """Load the checkpoint's tensors into a recipe-applied model; returns the saved state."""
+    """Load the checkpoint's tensors into a recipe-applied model; returns the saved state.
+    A sharded (FSDP) model takes its shards of them: then every rank must call this."""
     tensors = load_file(str(Path(path) / TENSORS))
     params = dict(unwrap(model).named_parameters())
     missing = [n for n in tensors if n not in params]
@@ -56,6 +68,11 @@ def restore(path: str | Path, model) -> dict:
     trainable = {n for n, p in params.items() if p.requires_grad}
     if set(tensors) != trainable:
         raise ValueError(f"checkpoint {path} does not match the recipe's trainable set ({len(tensors)} vs {len(trainable)} tensors)")
+    if _sharded(params[n] for n in trainable):
+        from lmm_ray import parallel
+
+        parallel.load_trainable_state(model, tensors)
+        return load_state(path)
     with torch.no_grad():
         for n, t in tensors.items():
             params[n].copy_(t.to(params[n].device, params[n].dtype))

@@ -8,8 +8,9 @@ own (a `DTensor` sharded on dim 0), so frozen and trainable parameters can sit i
 
 Precision (`shard_model(..., mp_dtype=torch.bfloat16)`), and why:
 - Trainable weights are kept as fp32 shards (`shard_model` upcasts them if the model was loaded in
-  bf16). They are the optimizer's master weights: an AdamW update is about lr ~ 1e-5 of the weight,
-  far below bf16's resolution (2^-8 relative), so bf16 master weights would stop moving.
+  bf16). They are the optimizer's master weights: an AdamW step moves a weight by about lr (1e-5 in
+  the study), while bf16 resolves only 2^-8 of a weight's value (~1e-4 for a weight of 0.03), so
+  most updates to bf16 master weights would round away.
 - Frozen weights stay in the dtype they were loaded in (bf16 for the study's checkpoints). They are
   never updated, so nothing is lost, and they are most of the model: this halves the memory.
 - Forward and backward run on bf16 copies: FSDP all-gathers every block's shards cast to
@@ -21,8 +22,29 @@ Precision (`shard_model(..., mp_dtype=torch.bfloat16)`), and why:
 With `mp_dtype=None` nothing is cast: every floating parameter must then have one dtype (fp32), as
 in the CPU tests, where FSDP and a single process are compared at fp32 precision.
 
-Collectives: `full_trainable_state`, `load_trainable_state`, `evaluate_sharded` and every forward
-(generation included) must be called by every rank, in the same order.
+Collectives: `full_trainable_state`, `load_trainable_state`, `checkpoint.restore` of a sharded
+model, `evaluate_sharded` and every forward (generation included) must be called by every rank, in
+the same order.
+
+Integration in a Ray Train worker (strategy "fsdp"; every step on every rank):
+1. `models.load_model(ref, dtype=torch.bfloat16)`; `gradient_checkpointing_enable()` if asked;
+   `recipes.apply(...)`. The model may stay on the CPU: `fully_shard` moves each block to the
+   GPU (the mesh follows the NCCL backend) and keeps only its shard there.
+2. `shard_model(model, family, mp_dtype=torch.bfloat16)`: before any optimizer exists.
+3. `optim.train_stage(model, ...)` as today (it builds AdamW on the sharded parameters; its
+   clip_grad_norm_ handles DTensor gradients). `train.SyncNonFinite` may wrap the model for
+   training, but hand the unwrapped model to the functions here and to checkpoint.
+4. WiSE-FT: `prev = snapshot_trainable(model)` at stage start, `wise_ft_(model, prev, alpha)` after.
+   LwF: FSDP modules cannot be deep-copied; build the teacher like the student (load, apply,
+   `shard_model`), `teacher.requires_grad_(False)`, and `copy_trainable_(teacher, model)` at each
+   stage start.
+5. Evaluate with `evaluate_sharded(...)` on every rank (never rank 0 alone: it would wait in the
+   first all-gather forever); every rank gets the same report, so histories agree.
+6. Checkpoint: `tensors = full_trainable_state(model)` on every rank, then on rank 0 only
+   `checkpoint.save(dir, model, state, tensors=tensors)`. Restore: `checkpoint.restore(dir, model)`
+   on every rank. Files are the same as DDP's, so runs can switch strategy between restarts.
+A DDP run on a bf16-loaded model calls `upcast_trainable_(model)` after `recipes.apply` for the
+same fp32 masters (then bf16 autocast, as `train_stage` does on CUDA).
 """
 
 from __future__ import annotations
@@ -74,9 +96,24 @@ def block_modules(model, family) -> list[nn.Module]:
             raise ValueError(f"family {family.name!r}: the model {type(base).__name__} has no module {path!r} "
                              f"(Family.blocks names {list(family.blocks)}); did transformers rename it?") from None
         if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
-            raise ValueError(f"family {family.name!r}: {path!r} is a {type(blocks).__name__}, not a non-empty ModuleList of blocks")
+            raise ValueError(f"family {family.name!r}: {path!r} is a {type(blocks).__name__}, "
+                             "not a non-empty ModuleList of blocks")
         out.extend(blocks)
     return out
+
+
+def upcast_trainable_(model) -> int:
+    """Make every trainable floating parameter fp32 in place (the optimizer's master weights; see the
+    module docstring); frozen ones keep their dtype. Assigning `.data` keeps the Parameter objects,
+    which peft and any optimizer refer to. `shard_model` calls it; a DDP run on a bf16-loaded model
+    should call it after `recipes.apply`. Returns how many parameters it converted."""
+    n = 0
+    with torch.no_grad():
+        for p in unwrap(model).parameters():
+            if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+                p.data = p.data.float()
+                n += 1
+    return n
 
 
 def is_sharded(model) -> bool:
@@ -88,14 +125,16 @@ def is_sharded(model) -> bool:
 def shard_model(model, family, *, mp_dtype: torch.dtype | None, reshard_after_forward: bool = True, mesh=None):
     """Apply FSDP2 in place: `fully_shard` on every transformer block (LLM decoder layers and vision
     blocks, from `family.blocks`), then on the transformers model as the root (embeddings, head,
-    projector, final norms). Call it after `recipes.apply` (LoRA adapters are then inside the blocks),
-    after moving the model to its device, and before building the optimizer (which must hold the
-    sharded parameters). Returns the same object it was given (a peft model stays the peft model).
+    projector, final norms). Call it after `recipes.apply` (LoRA adapters are then inside the blocks)
+    and before building the optimizer, which must hold the sharded parameters. The model may be on
+    the CPU: with NCCL each block moves to the current GPU as it is sharded. Returns the object it
+    was given (a peft model stays the peft model); parameter names do not change.
 
-    The root is the transformers model, not the peft wrapper: peft's forward and generate both call
-    it through `__call__`, where FSDP's hooks run, and transformers' `generate` sees it as FSDP-managed
-    and turns on `synced_gpus`, so a rank whose sequences are finished keeps joining the forwards of
-    the others. Parameter names do not change (`named_parameters()` gives the same names).
+    The root is the transformers model, not the peft wrapper: peft's forward calls it through
+    `__call__`, where FSDP's hooks run. Its `generate` is registered as a forward method too, since
+    transformers runs the vision tower and projector (root weights) before the first forward, and
+    transformers sees the model as FSDP-managed and turns on `synced_gpus`: a rank whose sequences
+    have all ended keeps joining the others' forwards until every rank is done.
 
     `reshard_after_forward` applies to the blocks (free their gathered weights after forward,
     re-gather for backward: the memory-saving choice); the root keeps its weights gathered from
@@ -110,12 +149,7 @@ def shard_model(model, family, *, mp_dtype: torch.dtype | None, reshard_after_fo
     params = list(base.parameters())
     if any(p.is_meta for p in params):
         raise ValueError("shard_model: the model has parameters on the meta device; load real weights first")
-    with torch.no_grad():
-        for p in params:
-            # fp32 master weights for what the optimizer updates (see the module docstring). Assigning
-            # .data keeps the Parameter objects, which peft and any later optimizer refer to.
-            if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
-                p.data = p.data.float()
+    upcast_trainable_(model)
     if mp_dtype is None:
         dtypes = {p.dtype for p in params if p.is_floating_point()}
         if len(dtypes) > 1:
@@ -125,7 +159,8 @@ def shard_model(model, family, *, mp_dtype: torch.dtype | None, reshard_after_fo
     if mesh is None:
         from torch.distributed.device_mesh import init_device_mesh
 
-        mesh = init_device_mesh(params[0].device.type, (dist.get_world_size(),))
+        device_type = "cuda" if dist.get_backend() == "nccl" else params[0].device.type
+        mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=mp_dtype, reduce_dtype=torch.float32)
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
@@ -241,6 +276,23 @@ def wise_ft_(model, prev: Mapping[str, torch.Tensor], alpha: float) -> None:
         for n, p in trainable_named(model):
             local = p.to_local() if _is_dtensor(p) else p
             local.mul_(1 - alpha).add_(prev[n].to(local.device, local.dtype), alpha=alpha)
+
+
+def copy_trainable_(dst, src) -> None:
+    """Copy `src`'s trainable tensors into the same-named parameters of `dst`, shard by shard (no
+    communication). For the LwF teacher: an FSDP model cannot be deep-copied, so build a second model
+    the same way (recipe applied, `shard_model`), freeze it, and refresh it at every stage start."""
+    reshard(src)
+    reshard(dst)
+    target = dict(unwrap(dst).named_parameters())
+    with torch.no_grad():
+        for n, p in trainable_named(src):
+            if n not in target:
+                raise ValueError(f"copy_trainable_: the destination has no parameter {n!r}")
+            q = target[n]
+            if _is_dtensor(p) != _is_dtensor(q):
+                raise ValueError(f"copy_trainable_: {n!r} is sharded in one model and not in the other")
+            (q.to_local() if _is_dtensor(q) else q).copy_(p.to_local() if _is_dtensor(p) else p)
 
 
 # ---------------------------------------------------------------------------------------------

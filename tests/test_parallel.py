@@ -33,6 +33,7 @@ STEPS, BATCH, LR = 3, 4, 1e-3
 GRAD_RTOL = 1e-5
 W_TOL, W_FINE, W_FINE_SHARE = 0.05 * LR, 1e-6, 1e-3
 GEN_TOKENS = 6
+GEN_RECIPES = ("sa_proj", "lora")
 
 
 def _recipe(name: str):
@@ -105,7 +106,7 @@ def _generate(model, batch, **kw):
 
 
 def _worker(rank: int, world: int, tmp: str) -> None:
-    from lmm_ray import evaluate, parallel
+    from lmm_ray import data, parallel
 
     torch.set_num_threads(1)
     # A timeout, so that a rank left waiting in a collective fails the test instead of hanging it.
@@ -139,14 +140,39 @@ def _worker(rank: int, world: int, tmp: str) -> None:
                 except ValueError as e:
                     res["mismatch_error"] = str(e)  # raised on both ranks, not only on rank 0
                 parallel.load_trainable_state(model, state)
-                # Generation: both ranks the same prompts; then rank 0 stops after one token
-                # (every token is an eos for it) while rank 1 runs all GEN_TOKENS steps.
+                # Lean checkpoints: gathered by all ranks, written by rank 0, restored by all.
+                from lmm_ray import checkpoint
+
+                try:
+                    checkpoint.trainable_state(model)
+                except ValueError as e:
+                    res["ckpt_error"] = str(e)
+                if rank == 0:
+                    checkpoint.save(f"{tmp}/ckpt", model, {"stage": 1}, tensors=parallel.full_trainable_state(model))
+                else:
+                    parallel.full_trainable_state(model)
+                dist.barrier()
+                parallel.load_trainable_state(model, {n: t * 0 for n, t in state.items()})
+                res["ckpt_restored_state"] = checkpoint.restore(f"{tmp}/ckpt", model)
+                res["ckpt_restored"] = parallel.full_trainable_state(model)
+                # An LwF teacher: a second sharded model, frozen, given the student's weights.
+                _, teacher = _build(recipe)
+                parallel.shard_model(teacher, loaded.family, mp_dtype=None)
+                teacher.requires_grad_(False)
+                parallel.copy_trainable_(teacher, model)
+                probe = data.collate(encs[:2], loaded.tokenizer.pad_token_id)
+                with torch.no_grad():
+                    res["teacher_same"] = torch.equal(teacher.eval()(**probe).logits, model.eval()(**probe).logits)
+                del teacher
+                # Generation with divergent stops: rank 0 stops after one token (every token is
+                # an eos for it) while rank 1 runs all GEN_TOKENS steps.
                 batch = _gen_batch(eval_sets)
-                res["tokens_same"] = _generate(model, batch)
                 if rank == 0:
                     res["tokens_diverge"] = _generate(model, batch, eos_token_id=list(range(len(loaded.tokenizer))))
                 else:
                     res["tokens_diverge"] = _generate(model, batch, min_new_tokens=GEN_TOKENS)
+            if recipe in GEN_RECIPES:  # generation through peft's wrapper too
+                res["tokens_same"] = _generate(model, _gen_batch(eval_sets))
                 report = parallel.evaluate_sharded(model, loaded.processor, eval_sets, batch_size=2, max_new_tokens=4)
                 res["eval"] = (report.predictions, report.metrics(), report.heldout_first_logits()[0])
             out[recipe] = res
@@ -190,6 +216,16 @@ def _bf16_policy(rank: int, world: int) -> dict:
     out["trainable_dtypes"] = {p.dtype for p in trainable}
     out["frozen_dtypes"] = {p.dtype for p in model.parameters() if not p.requires_grad}
     out["adam_dtypes"] = {v.dtype for s in opt.state.values() for k, v in s.items() if k in ("exp_avg", "exp_avg_sq")}
+    local = [p.to_local() for p in trainable]
+
+    def nbytes(ts):
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    out["local_bytes"] = {  # what this rank holds, for memory.estimate
+        "frozen_weights": nbytes(p.to_local() for p in model.parameters() if not p.requires_grad),
+        "trainable_weights": nbytes(local), "gradients": nbytes(p.grad.to_local() for p in trainable),
+        "optimizer": nbytes(v.to_local() if isinstance(v, DTensor) else v for st in opt.state.values() for v in st.values()),
+    }
     out["moved"] = all(not torch.equal(b, p.to_local()) for b, p in zip(before, trainable) if p.to_local().numel())
     out["loss"] = loss.item()
     return out
@@ -259,32 +295,40 @@ def test_state_round_trip_and_wise_ft(sharded):
         assert torch.allclose(res["wise"][n], t + 0.25, atol=1e-6)
     for r in range(WORLD):
         assert "does not match the model's trainable set" in sharded[r]["sa_proj"]["mismatch_error"]
+        assert sharded[r]["sa_proj"]["teacher_same"]  # copy_trainable_ into a second sharded model
+        assert "full_trainable_state" in sharded[r]["sa_proj"]["ckpt_error"]  # not a hang
+        assert sharded[r]["sa_proj"]["ckpt_restored_state"] == {"stage": 1}
+    for n, t in s.items():  # checkpoint.save(tensors=...) on rank 0, checkpoint.restore on both
+        assert torch.equal(res["ckpt_restored"][n], t)
 
 
-def test_generation_matches_unsharded(sharded, reference):
-    from lmm_ray import checkpoint, evaluate
+@pytest.mark.parametrize("recipe", GEN_RECIPES)
+def test_generation_matches_unsharded(sharded, reference, recipe):
+    from lmm_ray import evaluate
 
-    model, loaded, eval_sets, _ = reference["sa_proj"]
+    model, loaded, eval_sets, _ = reference[recipe]
     # The FSDP run's exact weights, so that generation is compared on equal weights.
-    checkpoint_state = sharded[0]["sa_proj"]["state"]
+    fsdp_state = sharded[0][recipe]["state"]
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if n in checkpoint_state:
-                p.copy_(checkpoint_state[n])
+            if n in fsdp_state:
+                p.copy_(fsdp_state[n])
     model.eval()
     batch = _gen_batch(eval_sets)
     want = _generate(model, batch)
-    for r in range(WORLD):
-        assert torch.equal(sharded[r]["sa_proj"]["tokens_same"], want)
-    # Divergent stops: rank 0 ended after one token while rank 1 went on; both finished.
-    first = _generate(model, batch, eos_token_id=list(range(len(loaded.tokenizer))))
-    assert torch.equal(sharded[0]["sa_proj"]["tokens_diverge"], first)
-    assert torch.equal(sharded[1]["sa_proj"]["tokens_diverge"], _generate(model, batch, min_new_tokens=GEN_TOKENS))
-    assert sharded[1]["sa_proj"]["tokens_diverge"].shape[1] == batch["input_ids"].shape[1] + GEN_TOKENS
+    for r in range(WORLD):  # both ranks, the same prompts
+        assert torch.equal(sharded[r][recipe]["tokens_same"], want)
+    if recipe == "sa_proj":
+        # Divergent stops: rank 0 ended after one token while rank 1 went on; both finished.
+        first = _generate(model, batch, eos_token_id=list(range(len(loaded.tokenizer))))
+        assert torch.equal(sharded[0][recipe]["tokens_diverge"], first)
+        full = _generate(model, batch, min_new_tokens=GEN_TOKENS)
+        assert torch.equal(sharded[1][recipe]["tokens_diverge"], full)
+        assert full.shape[1] == batch["input_ids"].shape[1] + GEN_TOKENS
     # Sharded evaluation (padded slices, gathered): the whole report, on every rank.
     rep = evaluate.evaluate(model, loaded.processor, eval_sets, batch_size=2, max_new_tokens=4)
     for r in range(WORLD):
-        preds, metrics, logits = sharded[r]["sa_proj"]["eval"]
+        preds, metrics, logits = sharded[r][recipe]["eval"]
         assert preds == rep.predictions
         assert metrics.keys() == rep.metrics().keys()
         for k, v in rep.metrics().items():
@@ -302,6 +346,17 @@ def test_bf16_policy(sharded):
         assert b["adam_dtypes"] == {torch.float32}
         assert b["loss_dtype"] == torch.float32 and torch.isfinite(torch.tensor(b["loss"]))
         assert b["moved"]
+
+
+def test_memory_estimate_is_exact_per_rank(sharded):
+    """memory.estimate's FSDP parts are the bytes rank 0 holds (ceil(dim0 / 2) rows of every
+    parameter, its gradient and AdamW moments); rank 1 holds at most as much."""
+    from lmm_ray import memory
+
+    est = memory.estimate("tiny:qwen2_5_vl", "sa_proj", workers=WORLD, strategy="fsdp", weight_dtype="bf16")
+    want = {k: est["parts"][k] for k in sharded[0]["bf16"]["local_bytes"]}
+    assert sharded[0]["bf16"]["local_bytes"] == want
+    assert all(sharded[1]["bf16"]["local_bytes"][k] <= v for k, v in want.items())
 
 
 def test_shard_indices_and_unpad():
