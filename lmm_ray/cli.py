@@ -196,6 +196,26 @@ def cmd_pareto(a) -> int:
     return 0
 
 
+def cmd_memory(a) -> int:
+    from lmm_ray import memory
+
+    try:
+        est = memory.estimate(a.model, a.recipe, workers=a.workers, strategy=a.strategy, batch=a.batch,
+                              seq_len=a.seq_len, grad_ckpt=a.grad_ckpt, weight_dtype=a.weight_dtype,
+                              compute_dtype=a.compute_dtype, image_tokens=a.image_tokens)
+    except (ValueError, OSError) as e:  # an unknown recipe, model or dtype
+        raise UserError(str(e)) from None
+    if a.json:
+        out = {**est, "per_gpu_gib": round(est["per_gpu_gib"], 3)}
+        if a.budget_gib is not None:
+            out["fits"] = memory.fits(est, a.budget_gib)
+            out["suggestions"] = memory.suggest(est, a.budget_gib)
+        print(json.dumps(out, indent=1))
+    else:
+        print(memory.format_table(est, a.budget_gib))
+    return 0
+
+
 def cmd_score(a) -> int:
     from lmm_ray import score
 
@@ -291,6 +311,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*")
     t.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     t.set_defaults(fn=cmd_train)
+
+    me = sub.add_parser("memory", help="estimated peak GPU memory of a training step, per part (no weights loaded)")
+    me.add_argument("model", help="hub id (the study's ship offline configs), local folder, tiny:<family> or base:<family>")
+    me.add_argument("--recipe", required=True, help="a recipe name (lmm-ray recipes lists them)")
+    me.add_argument("--workers", type=int, default=1, help="GPUs the trial uses (default 1)")
+    me.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp", help="ddp replicates the model; fsdp shards it")
+    me.add_argument("--batch", type=int, default=1, help="micro-batch per GPU (default 1)")
+    me.add_argument("--seq-len", type=int, default=1024, help="padded tokens per sample, image tokens included (default 1024)")
+    me.add_argument("--image-tokens", type=int, default=None, help="image tokens per sample (default: half of --seq-len)")
+    me.add_argument("--grad-ckpt", action="store_true", help="with gradient checkpointing")
+    me.add_argument("--weight-dtype", default="bf16", help="dtype of the frozen weights: bf16 (default) or fp32")
+    me.add_argument("--compute-dtype", default="bf16", help="dtype of activations: bf16 (default) or fp32")
+    me.add_argument("--budget-gib", type=float, default=None, help="GPU memory: say whether it fits, and how to make it fit")
+    me.add_argument("--json", action="store_true", help='print an object with "per_gpu_gib", "parts" (bytes) and "parts_gib"')
+    me.set_defaults(fn=cmd_memory)
 
     sc = sub.add_parser("score", help="re-score a saved predictions JSONL file with a named metric")
     sc.add_argument("predictions", help="JSONL, one {prediction, answers, [choices], [category]} object a line")

@@ -38,11 +38,8 @@ Buffers (rotary frequencies) are left out.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import re
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -402,8 +399,9 @@ def suggest(est: dict, budget_gib: float, *, max_workers: int = 8) -> list[str]:
         tries.append(("gradient checkpointing", {"grad_ckpt": True}))
     w = max(2, inp["workers"])
     while w <= max_workers:
-        if inp["strategy"] == "ddp" or w > inp["workers"]:
+        if w > inp["workers"] or (inp["strategy"] == "ddp" and inp["workers"] == 1):
             tries.append((f"fsdp over {w} workers", {"strategy": "fsdp", "workers": w}))
+        if not inp["grad_ckpt"] and (w > inp["workers"] or inp["strategy"] == "ddp"):
             tries.append((f"fsdp over {w} workers + gradient checkpointing",
                           {"strategy": "fsdp", "workers": w, "grad_ckpt": True}))
         w *= 2
@@ -441,39 +439,40 @@ def format_table(est: dict, budget_gib: float | None = None) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="lmm-ray memory",
-                                 description="Estimate per-GPU training memory from a model's configuration.")
-    ap.add_argument("model", help="hub id (shipped offline configs), local folder, tiny:<family> or base:<family>")
-    ap.add_argument("--recipe", required=True)
-    ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp")
-    ap.add_argument("--batch", type=int, default=1, help="micro-batch per GPU")
-    ap.add_argument("--seq-len", type=int, default=1024, help="padded tokens per sample, image tokens included")
-    ap.add_argument("--image-tokens", type=int, default=None, help="image tokens per sample (default seq-len / 2)")
-    ap.add_argument("--grad-ckpt", action="store_true")
-    ap.add_argument("--weight-dtype", default="bf16", choices=sorted(_DTYPES))
-    ap.add_argument("--compute-dtype", default="bf16", choices=sorted(_DTYPES))
-    ap.add_argument("--budget-gib", type=float, default=None, help="GPU memory: say whether it fits, and how to make it")
-    ap.add_argument("--json", action="store_true")
-    a = ap.parse_args(argv)
-    try:
-        est = estimate(a.model, a.recipe, workers=a.workers, strategy=a.strategy, batch=a.batch, seq_len=a.seq_len,
-                       grad_ckpt=a.grad_ckpt, weight_dtype=a.weight_dtype, compute_dtype=a.compute_dtype,
-                       image_tokens=a.image_tokens)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if a.json:
-        out = {**est, "per_gpu_gib": round(est["per_gpu_gib"], 3)}
-        if a.budget_gib is not None:
-            out["fits"] = fits(est, a.budget_gib)
-            out["suggestions"] = suggest(est, a.budget_gib)
-        print(json.dumps(out, indent=1))
-    else:
-        print(format_table(est, a.budget_gib))
-    return 0
+# ---------------------------------------------------------------------------------------------
+# A sweep's plan
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def sweep_inputs(cfg, strategy: str | None = None) -> dict:
+    """estimate() keywords for a trial of `cfg`: its workers and strategy, the micro-batch per GPU
+    (batch_size / workers / grad_accum), `resources.estimate_seq_len`, its dtypes and checkpointing."""
+    r, t = cfg.resources, cfg.train
+    gpu = r.gpus_per_worker > 0
+    auto = "bf16" if gpu else "fp32"
+    return dict(workers=r.num_workers, strategy=strategy or ("ddp" if r.strategy == "auto" else r.strategy),
+                batch=max(1, t.batch_size // (r.num_workers * t.grad_accum)), seq_len=r.estimate_seq_len,
+                grad_ckpt=t.gradient_checkpointing,
+                weight_dtype=auto if t.weight_dtype == "auto" else t.weight_dtype,
+                compute_dtype=auto if t.precision == "auto" else t.precision, device="cuda" if gpu else "cpu")
+
+
+def budget_gib(cfg) -> float | None:
+    """The per-GPU memory a trial may use: resources.gpu_memory_gb, else this machine's first GPU
+    (the cluster's GPUs are probed after connecting: cluster.gpu_memory_gib); None on CPU trials."""
+    if not cfg.resources.gpus_per_worker:
+        return None
+    if cfg.resources.gpu_memory_gb is not None:
+        return float(cfg.resources.gpu_memory_gb)
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory / GIB
+    return None
+
+
+def pick_strategy(cfg, recipe: str, budget: float | None = None) -> str:
+    """`resources.strategy: auto`: DDP when the recipe fits one GPU replicated (less communication),
+    else FSDP. Without a known budget, FSDP: it is never the one that runs out of memory."""
+    budget = budget if budget is not None else budget_gib(cfg)
+    if budget is None:
+        return "fsdp"
+    est = estimate(cfg.model, recipe, custom=cfg.search_space.custom_recipes(), **sweep_inputs(cfg, "ddp"))
+    return "ddp" if fits(est, budget) else "fsdp"

@@ -206,7 +206,8 @@ class ResourcesConfig:
     gpus_per_worker: float = 0.0
     strategy: str = "ddp"  # ddp | fsdp | auto (the memory estimate picks)
     max_failures: int = 1
-    gpu_memory_gb: float | None = None  # per GPU; validate refuses a recipe that cannot fit (default: the local GPU's)
+    gpu_memory_gb: float | None = None  # per GPU; validate refuses a recipe that cannot fit (default: the GPU's own)
+    estimate_seq_len: int = 2048  # padded tokens per sample the memory check assumes (image tokens included)
 
 
 @dataclass(frozen=True)
@@ -257,6 +258,7 @@ RESOURCES_RULES = {
     "strategy": R(str, choices=("ddp", "fsdp", "auto")),
     "max_failures": R(int, ge(-1)),
     "gpu_memory_gb": R(float, gt(0), nullable=True),
+    "estimate_seq_len": R(int, ge(1)),
 }
 TRACKING_RULES = {"mlflow_uri": R(str, nullable=True), "experiment": R(str, nullable=True)}
 _OBJ_NAMES = {"lam": "lambda"}

@@ -101,15 +101,76 @@ def check_tracking(cfg: SweepConfig) -> None:
         raise ConfigError("tracking.mlflow_uri", str(e), "start the server or fix tracking.mlflow_uri") from None
 
 
+def check_runtime(cfg: SweepConfig, address: str | None, offline: bool) -> None:
+    """What the trial's device and libraries must support: FSDP's block list, dtypes, attention."""
+    import importlib.util
+
+    from lmm_ray import models, parallel
+
+    r, t = cfg.resources, cfg.train
+    if r.strategy in ("fsdp", "auto") and r.num_workers > 1:
+        family, mconf = models.model_config(cfg.model, offline=True) if offline else models.model_config(cfg.model)
+        try:
+            parallel.block_modules(models.meta_model(family, mconf), family)
+        except ValueError as e:
+            raise ConfigError("resources.strategy", f"FSDP cannot shard {cfg.model}: {e}",
+                              "use resources.strategy: ddp, or list the family's block paths in families.py") from None
+    if t.attn_implementation == "flash_attention_2":
+        if not r.gpus_per_worker:
+            raise ConfigError("train.attn_implementation", "flash_attention_2 runs on NVIDIA GPUs only, and this sweep trains on CPUs",
+                              "use sdpa (the default), or set resources.gpus_per_worker")
+        if not offline and not (address or os.environ.get("RAY_ADDRESS")) and importlib.util.find_spec("flash_attn") is None:
+            raise ConfigError("train.attn_implementation", "flash_attention_2 needs the flash-attn package, which is not installed",
+                              "pip install flash-attn --no-build-isolation (on the GPU nodes), or use sdpa")
+    if r.gpus_per_worker and not offline and not (address or os.environ.get("RAY_ADDRESS")):
+        import torch
+
+        wants_bf16 = "bf16" in (t.weight_dtype, t.precision) or "auto" in (t.weight_dtype, t.precision)
+        if torch.cuda.is_available() and wants_bf16 and not torch.cuda.is_bf16_supported():
+            field = "train.weight_dtype" if t.weight_dtype != "fp32" else "train.precision"
+            raise ConfigError(field, f"this GPU ({torch.cuda.get_device_name(0)}) cannot compute in bf16",
+                              "set train.weight_dtype: fp32 and train.precision: fp32, or use an Ampere or newer GPU")
+
+
+def check_memory(cfg: SweepConfig, budget: float | None = None) -> str:
+    """The estimated per-GPU memory of every recipe of the search space (memory.py), as a table;
+    refuses a recipe that cannot fit the GPU's memory with the strategy the sweep uses, naming the
+    fixes that would fit. `budget`: GiB per GPU (default: resources.gpu_memory_gb, else this machine's GPU)."""
+    from lmm_ray import memory
+
+    if not cfg.resources.gpus_per_worker:
+        return "memory     CPU trials: no GPU memory to check"
+    budget = budget if budget is not None else memory.budget_gib(cfg)
+    custom = cfg.search_space.custom_recipes()
+    lines = [f"memory     GiB per GPU, micro-batch x {cfg.resources.estimate_seq_len} tokens (resources.estimate_seq_len)"
+             + (f", of {budget:g} GiB" if budget else " (no budget known: resources.gpu_memory_gb)") + ":"]
+    for name in dict.fromkeys(cfg.search_space.recipe_names):
+        strategy = cfg.resources.strategy
+        if strategy == "auto":
+            strategy = memory.pick_strategy(cfg, name, budget) if cfg.resources.num_workers > 1 and budget else "fsdp"
+        est = memory.estimate(cfg.model, name, custom=custom, **memory.sweep_inputs(cfg, strategy))
+        lines.append(f"  {name:<14} {strategy} x{cfg.resources.num_workers}: {est['per_gpu_gib']:7.2f}")
+        if budget is not None and not memory.fits(est, budget):
+            fixes = memory.suggest(est, budget) or ["a GPU with more memory"]
+            raise ConfigError("resources.strategy" if strategy == "ddp" else "resources.num_workers",
+                              f"recipe {name!r} needs about {est['per_gpu_gib']:.1f} GiB per GPU with {strategy} over "
+                              f"{cfg.resources.num_workers} worker(s); the GPUs have {budget:g} GiB",
+                              "one of: " + "; ".join(fixes) + " (train.gradient_checkpointing, train.batch_size, "
+                              "resources.strategy/num_workers)")
+    return "\n".join(lines)
+
+
 def check(cfg: SweepConfig, *, address: str | None = None, offline: bool = False) -> str:
     """Raise ConfigError on the first problem; return the plan."""
     check_data(cfg)
     if not offline:  # offline checks the files against the model's configuration only
         check_local_resources(cfg, address)
     family, trainable = check_recipes(cfg, offline=offline)
+    check_runtime(cfg, address, offline)
+    mem = check_memory(cfg)
     if not offline:
         check_tracking(cfg)
-    return plan(cfg, family, trainable)
+    return plan(cfg, family, trainable) + "\n" + mem
 
 
 def plan(cfg: SweepConfig, family: str, trainable: dict) -> str:

@@ -16,7 +16,7 @@ import json
 import pytest
 import torch
 
-from lmm_ray import memory
+from lmm_ray import cli, memory
 
 TINY = "tiny:qwen2_5_vl"
 QWEN7B = "Qwen/Qwen2.5-VL-7B-Instruct"  # the shipped offline configuration
@@ -144,12 +144,12 @@ def test_7b_full_fits_8_gpus_under_fsdp():
 
 
 def test_main_json_and_table(capsys):
-    assert memory.main([TINY, "--recipe", "sa_proj", "--workers", "2", "--strategy", "fsdp", "--json"]) == 0
+    assert cli.main(["memory", TINY, "--recipe", "sa_proj", "--workers", "2", "--strategy", "fsdp", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["per_gpu_gib"] > 0 and set(memory.PART_ORDER) <= set(out["parts"])
     assert out["inputs"]["strategy"] == "fsdp" and out["inputs"]["workers"] == 2
-    assert memory.main([QWEN7B, "--recipe", "full", "--batch", "1", "--seq-len", "1024", "--budget-gib", "80"]) == 0
+    assert cli.main(["memory", QWEN7B, "--recipe", "full", "--batch", "1", "--seq-len", "1024", "--budget-gib", "80"]) == 0
     table = capsys.readouterr().out
     assert "per_gpu_gib" in table and "does NOT fit" in table and "fsdp over 8 workers" in table
-    assert memory.main([TINY, "--recipe", "nope"]) == 2
+    assert cli.main(["memory", TINY, "--recipe", "nope"]) == 2
     assert "unknown recipe" in capsys.readouterr().err
