@@ -187,6 +187,25 @@ def check_cluster_resources(cfg, *, wait_s: float = NODE_WAIT_S) -> None:
     )
 
 
+def _gpu_total_gib() -> float:
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory / 2**30
+
+
+def gpu_memory_gib(timeout_s: float = 60.0) -> float | None:
+    """The memory of one of the cluster's GPUs (a one-GPU task reads it), or None when no GPU task
+    ran within `timeout_s` (every GPU busy, or an autoscaler still starting one)."""
+    import ray
+
+    ref = ray.remote(num_gpus=1, num_cpus=0, max_retries=0)(_gpu_total_gib).remote()
+    ready, _ = ray.wait([ref], timeout=timeout_s)
+    if not ready:
+        ray.cancel(ref, force=True)
+        return None
+    return float(ray.get(ref))
+
+
 # ---------------------------------------------------------------------------------------------
 # Storage
 

@@ -43,6 +43,11 @@ def worker_env() -> dict:
     return env
 
 
+def address_of(address: str | None) -> str | None:
+    """The cluster a sweep connects to (--address, else RAY_ADDRESS), or None for a local Ray."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
 def _free_port() -> int:
     import socket
 
@@ -56,7 +61,7 @@ def init_ray(cfg: SweepConfig, address: str | None = None) -> None:
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = address_of(address)
     if address:  # an existing cluster (or inside `ray job submit`): connect, never size it
         ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": worker_env()})
         return
@@ -294,6 +299,10 @@ def run(cfg: SweepConfig, *, resume: bool = False, address: str | None = None) -
         # On a cluster: refuse, before anything is written or booked, a trial that cannot fit or a
         # storage path that some node cannot see.
         cluster.check_cluster_resources(cfg)
+        if cfg.resources.gpus_per_worker and cfg.resources.gpu_memory_gb is None and address_of(address):
+            budget = cluster.gpu_memory_gib()  # the cluster's own GPUs, when the sweep file does not say
+            if budget is not None:
+                print(validate.check_memory(cfg, budget), flush=True)
         cluster.check_storage(cfg.sweep_dir)
         store.write_text("sweep.json", json.dumps(cfg.to_dict(), indent=1, default=str))
         parent = tracking.parent_run(cfg.mlflow_uri, cfg.experiment, cfg.name, cfg.to_dict(),
