@@ -26,25 +26,8 @@ Collectives: `full_trainable_state`, `load_trainable_state`, `checkpoint.restore
 model, `evaluate_sharded` and every forward (generation included) must be called by every rank, in
 the same order.
 
-Integration in a Ray Train worker (strategy "fsdp"; every step on every rank):
-1. `models.load_model(ref, dtype=torch.bfloat16)`; `gradient_checkpointing_enable()` if asked;
-   `recipes.apply(...)`. The model may stay on the CPU: `fully_shard` moves each block to the
-   GPU (the mesh follows the NCCL backend) and keeps only its shard there.
-2. `shard_model(model, family, mp_dtype=torch.bfloat16)`: before any optimizer exists.
-3. `optim.train_stage(model, ...)` as today (it builds AdamW on the sharded parameters; its
-   clip_grad_norm_ handles DTensor gradients). `train.SyncNonFinite` may wrap the model for
-   training, but hand the unwrapped model to the functions here and to checkpoint.
-4. WiSE-FT: `prev = snapshot_trainable(model)` at stage start, `wise_ft_(model, prev, alpha)` after.
-   LwF: FSDP modules cannot be deep-copied; build the teacher like the student (load, apply,
-   `shard_model`), `teacher.requires_grad_(False)`, and `copy_trainable_(teacher, model)` at each
-   stage start.
-5. Evaluate with `evaluate_sharded(...)` on every rank (never rank 0 alone: it would wait in the
-   first all-gather forever); every rank gets the same report, so histories agree.
-6. Checkpoint: `tensors = full_trainable_state(model)` on every rank, then on rank 0 only
-   `checkpoint.save(dir, model, state, tensors=tensors)`. Restore: `checkpoint.restore(dir, model)`
-   on every rank. Files are the same as DDP's, so runs can switch strategy between restarts.
-A DDP run on a bf16-loaded model calls `upcast_trainable_(model)` after `recipes.apply` for the
-same fp32 masters (then bf16 autocast, as `train_stage` does on CUDA).
+Where they are used: train.py (`prepare`, `distribute`, `run_trial`, `StageStartTeacher` for LwF:
+an FSDP model cannot be deep-copied, and a second model would double the weights).
 """
 
 from __future__ import annotations
@@ -276,23 +259,6 @@ def wise_ft_(model, prev: Mapping[str, torch.Tensor], alpha: float) -> None:
         for n, p in trainable_named(model):
             local = p.to_local() if _is_dtensor(p) else p
             local.mul_(1 - alpha).add_(prev[n].to(local.device, local.dtype), alpha=alpha)
-
-
-def copy_trainable_(dst, src) -> None:
-    """Copy `src`'s trainable tensors into the same-named parameters of `dst`, shard by shard (no
-    communication). For the LwF teacher: an FSDP model cannot be deep-copied, so build a second model
-    the same way (recipe applied, `shard_model`), freeze it, and refresh it at every stage start."""
-    reshard(src)
-    reshard(dst)
-    target = dict(unwrap(dst).named_parameters())
-    with torch.no_grad():
-        for n, p in trainable_named(src):
-            if n not in target:
-                raise ValueError(f"copy_trainable_: the destination has no parameter {n!r}")
-            q = target[n]
-            if _is_dtensor(p) != _is_dtensor(q):
-                raise ValueError(f"copy_trainable_: {n!r} is sharded in one model and not in the other")
-            (q.to_local() if _is_dtensor(q) else q).copy_(p.to_local() if _is_dtensor(p) else p)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -95,10 +95,7 @@ def prepare(spec: TrialSpec, device: torch.device | None = None, loaded=None):
     if spec.train.gradient_checkpointing:
         loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model, resolved = recipes.apply(loaded.model, loaded.family, spec.recipe)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
-                p.data = p.data.float()  # .data keeps the Parameter objects peft refers to
+    parallel.upcast_trainable_(model)
     return loaded, model, resolved
 
 

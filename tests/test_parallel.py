@@ -155,14 +155,21 @@ def _worker(rank: int, world: int, tmp: str) -> None:
                 parallel.load_trainable_state(model, {n: t * 0 for n, t in state.items()})
                 res["ckpt_restored_state"] = checkpoint.restore(f"{tmp}/ckpt", model)
                 res["ckpt_restored"] = parallel.full_trainable_state(model)
-                # An LwF teacher: a second sharded model, frozen, given the student's weights.
-                _, teacher = _build(recipe)
-                parallel.shard_model(teacher, loaded.family, mp_dtype=None)
-                teacher.requires_grad_(False)
-                parallel.copy_trainable_(teacher, model)
+                # LwF's teacher under FSDP (train.StageStartTeacher): the stage-start tensors swapped
+                # into the same sharded model give the stage-start logits after the student moved.
+                from lmm_ray.train import StageStartTeacher
+
                 probe = data.collate(encs[:2], loaded.tokenizer.pad_token_id)
+                cur = parallel.full_trainable_state(model, rank0_only=False)
+                model.eval()
                 with torch.no_grad():
-                    res["teacher_same"] = torch.equal(teacher.eval()(**probe).logits, model.eval()(**probe).logits)
+                    before = model(**probe).logits
+                teacher = StageStartTeacher(model)
+                parallel.load_trainable_state(model, {n: t + 0.01 for n, t in cur.items()})
+                with torch.no_grad():
+                    res["teacher_same"] = torch.equal(teacher(**probe).logits, before)
+                    res["student_moved"] = not torch.equal(model(**probe).logits, before)
+                parallel.load_trainable_state(model, cur)
                 del teacher
                 # Generation with divergent stops: rank 0 stops after one token (every token is
                 # an eos for it) while rank 1 runs all GEN_TOKENS steps.
@@ -295,7 +302,7 @@ def test_state_round_trip_and_wise_ft(sharded):
         assert torch.allclose(res["wise"][n], t + 0.25, atol=1e-6)
     for r in range(WORLD):
         assert "does not match the model's trainable set" in sharded[r]["sa_proj"]["mismatch_error"]
-        assert sharded[r]["sa_proj"]["teacher_same"]  # copy_trainable_ into a second sharded model
+        assert sharded[r]["sa_proj"]["teacher_same"] and sharded[r]["sa_proj"]["student_moved"]
         assert "full_trainable_state" in sharded[r]["sa_proj"]["ckpt_error"]  # not a hang
         assert sharded[r]["sa_proj"]["ckpt_restored_state"] == {"stage": 1}
     for n, t in s.items():  # checkpoint.save(tensors=...) on rank 0, checkpoint.restore on both
