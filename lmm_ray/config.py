@@ -30,6 +30,7 @@ from lmm_ray.schema import (NAME_RE, EVAL_RULES, OBJECTIVE_RULES, RESOURCES_RULE
                             SearchConfig, TrackingConfig, TrainConfig, _OBJ_NAMES, R, check_mapping, check_value, ge, gt,
                             is_uri, join, read_section, read_yaml, resolve_path, section_dict, tname)
 from lmm_ray.space import PARAMS, SearchSpace, load_recipes_file, parse_search_space
+from lmm_ray.tasks import EVAL_KEYS, split_source
 
 _URI_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss", "az")
 
@@ -81,7 +82,8 @@ def _data_source(d, where: str, base_dir: Path | None) -> dict:
         raise ConfigError(where, f"needs exactly one of the keys {list(_SOURCE_OPTIONS)}, got {sorted(d)}",
                           f"use one of: {_SOURCE_FORMS}")
     kind = kinds[0]
-    check_mapping(d, where, {kind, *_SOURCE_OPTIONS[kind]})
+    check_mapping(d, where, {kind, *_SOURCE_OPTIONS[kind], *EVAL_KEYS})
+    _eval_keys(d, where)
     out = copy.deepcopy(d)
     check_value(d[kind], R(str), join(where, kind))
     for key in ("sampling", "n"):
@@ -95,7 +97,7 @@ def _data_source(d, where: str, base_dir: Path | None) -> dict:
         except DataError as e:
             raise ConfigError(join(where, key), str(e), "write e.g. 500, 'first:500', 'random:10%' or 'all'") from None
     try:
-        check_source(d)  # seeds, benchmark names: what the loader itself checks without a file
+        check_source(split_source(d)[0])  # seeds, benchmark names: what the loader itself checks without a file
     except DataError as e:
         raise ConfigError(where, str(e), "fix the source as the message says (docs/sweep_config.md lists the keys)") from None
     if d.get("answer_type") is not None and d["answer_type"] not in ANSWER_TYPES:
@@ -109,6 +111,22 @@ def _data_source(d, where: str, base_dir: Path | None) -> dict:
         if p.is_absolute() or out["hf"].startswith((".", "~")) or (base_dir and (base_dir / p).exists()) or p.exists():
             out["hf"] = str(resolve_path(out["hf"], base_dir))
     return out
+
+
+def _eval_keys(d: dict, where: str) -> None:
+    """A source's evaluation keys (tasks.py): a known metric and aggregation, text prompts, a length."""
+    from lmm_ray import metrics
+
+    for key, names in (("metric", metrics.METRICS.names()), ("aggregation", metrics.AGGREGATIONS.names())):
+        if d.get(key) is not None:
+            check_value(d[key], R(str, choices=names), join(where, key))
+    for key in ("pre_prompt", "post_prompt", "context_template"):
+        if d.get(key) is not None and not isinstance(d[key], str):
+            raise ConfigError(join(where, key), f"expected text, got {tname(d[key])}", 'quote it, e.g. "\\nAnswer with a single word."')
+    if d.get("context_template") is not None and "{context}" not in d["context_template"]:
+        raise ConfigError(join(where, "context_template"), "has no {context} placeholder", 'write e.g. "Context: {context}\\n"')
+    if d.get("max_new_tokens") is not None:
+        check_value(d["max_new_tokens"], R(int, ge(1)), join(where, "max_new_tokens"))
 
 
 def _stages(raw, heldouts: list[str], heldout_names: list[str], targets: list[str], base_dir) -> tuple[StageConfig, ...]:

@@ -14,110 +14,23 @@ Evaluation data comes from its own random stream: training pools draw
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
 import torch
 
-from lmm_ray import data, probe
+from lmm_ray import data, metrics, probe
+from lmm_ray.answers import LETTERS, is_correct, normalize  # noqa: F401 - the typed rules, re-exported
 from lmm_ray.skills.schema import Sample
-from lmm_ray.number_words import COUNT_WORDS
+from lmm_ray.tasks import EvalTask, render
 
 EVAL_SEED_OFFSET = 10_000
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 KINDS = ("target", "heldout")
 CHANCE_SAMPLES = 300
 
 
 def eval_seed(seed: int) -> int:
     return EVAL_SEED_OFFSET + seed
-
-
-# ---------------------------------------------------------------------------------------------
-# Answer normalisation
-
-_WORD_VALUE = {w: i for i, w in enumerate(COUNT_WORDS)}  # zero..twenty, as the study's parse_count
-# [0-9], not \d: "٣" is not an answer the scorer should read as 3.
-_FIRST_NUMBER = re.compile(r"[0-9]+|\b(?:" + "|".join(COUNT_WORDS) + r")\b")
-_ARTICLES = {"a", "an", "the"}
-_LETTER = re.compile(r"\b([A-Za-z])[.)]?\b")  # the study's cub200 letter regex
-_HMM = re.compile(r"([0-9]{1,2})\s*:\s*([0-9]{2})")
-
-
-def _words(text: str) -> list[str]:
-    return [w for w in re.sub(r"[^\w\s]", " ", text.lower()).split() if w not in _ARTICLES]
-
-
-def _number(text: str) -> str | None:
-    m = _FIRST_NUMBER.search(text.lower())
-    if m is None:
-        return None
-    s = m.group(0)
-    return str(_WORD_VALUE[s]) if s in _WORD_VALUE else str(int(s))
-
-
-def _yesno(text: str) -> str | None:
-    return next((w for w in _words(text) if w in ("yes", "no")), None)
-
-
-def _letter(text: str, choices: Sequence[str] = ()) -> str:
-    # The option text itself ("zorbil") counts as its letter; checked first because the letter
-    # regex would read the article of "a zorbil" as option A.
-    norm = " ".join(_words(text))
-    for i, c in enumerate(choices):
-        if norm and norm == " ".join(_words(c)):
-            return LETTERS[i]
-    m = _LETTER.search(text)
-    if m:
-        return m.group(1).upper()
-    return text.strip()[:1].upper()
-
-
-def parse_time(text: str) -> tuple[int, int] | None:
-    """(hour on a 12-hour clock, 1..12, minute) from "H:MM", else from the first two integers."""
-    m = _HMM.search(text)
-    nums = [int(x) for x in (m.groups() if m else re.findall(r"[0-9]+", text)[:2])]
-    if len(nums) < 2:
-        return None
-    h, mi = nums
-    return (h % 12 or 12, mi)
-
-
-def normalize(answer: str, answer_type: str, choices: Sequence[str] = ()) -> str:
-    """The canonical form two answers are compared in (falls back to cleaned words)."""
-    words = " ".join(_words(answer))
-    if answer_type == "number":
-        return _number(answer) or words
-    if answer_type == "yesno":
-        return _yesno(answer) or words
-    if answer_type == "choice":
-        return _letter(answer, choices)
-    if answer_type == "time":
-        t = parse_time(answer)
-        return f"{t[0]}:{t[1]:02d}" if t else words
-    if answer_type == "word":
-        return words
-    raise ValueError(f"unknown answer_type {answer_type!r}")
-
-
-def is_correct(pred: str, gold: str, answer_type: str, choices: Sequence[str] = ()) -> bool:
-    """Whether a generated answer counts as right.
-
-    time follows the study's TimeClock `both_accuracy`: the hour must match exactly on a
-    12-hour clock (0 == 12, 13 == 1) and the minutes differ by <= 1 or by exactly 59. So
-    "3:05" ~ "03:04" and "12:00" ~ "12:01" are right, "12:59" vs "1:00" is wrong (the hour
-    differs), and "3:00" vs "3:59" is right (the study's wrap-around rule compares minutes
-    only). The generated clock uses a 15-minute grid, so none of these edge cases occur there.
-    """
-    if answer_type == "time":
-        p, g = parse_time(pred), parse_time(gold)
-        if p is None or g is None:
-            return False
-        dm = abs(p[1] - g[1])
-        return p[0] == g[0] and (dm <= 1 or dm == 59)
-    g = normalize(gold, answer_type, choices)
-    return bool(g) and normalize(pred, answer_type, choices) == g
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,9 +51,17 @@ class EvalSet:
     gold_first_token: torch.Tensor  # [n] int64
     is_number: torch.Tensor  # [n] bool: answer is a number (or a time), or starts with a number token
     chance: float | None  # pp, see _chance
+    task: EvalTask = field(default_factory=EvalTask)
+    all_answers: list[tuple[str, ...]] = field(default_factory=list)  # every gold answer (VQA's 10, DocVQA's)
+    metric_names: list[str] = field(default_factory=list)  # per sample: a metrics.METRICS name
+    categories: list[str] = field(default_factory=list)  # per sample ("" if none): for macro averages
+    prompts: list[str] = field(default_factory=list)  # the rendered question text (for predictions files)
 
     def __len__(self) -> int:
         return len(self.answers)
+
+    def max_new_tokens(self, default: int) -> int:
+        return self.task.max_new_tokens or default
 
 
 def _chance(samples: Sequence[Sample]) -> float | None:
@@ -164,9 +85,11 @@ def _chance(samples: Sequence[Sample]) -> float | None:
 
 
 def build_eval_sets(processor, samples_by_skill: Mapping[str, Sequence[Sample]],
-                    kinds: Mapping[str, str], chance: Mapping[str, float] | None = None) -> dict[str, EvalSet]:
-    """Encode each skill's samples once. `kinds[skill]` is "target" or "heldout"; `chance`
-    (pp) overrides the estimate from the samples themselves."""
+                    kinds: Mapping[str, str], chance: Mapping[str, float] | None = None,
+                    tasks: Mapping[str, EvalTask] | None = None) -> dict[str, EvalSet]:
+    """Encode each skill's samples once, prompted as its task says (tasks.py; default: the question
+    as written, scored by answer type). `kinds[skill]` is "target" or "heldout"; `chance` (pp)
+    overrides the estimate from the samples themselves."""
     tok = processor.tokenizer
     num_ids = set(probe.number_token_ids(tok))
     out = {}
@@ -179,10 +102,14 @@ def build_eval_sets(processor, samples_by_skill: Mapping[str, Sequence[Sample]],
         gold = torch.tensor([data.first_answer_token(tok, s.answer) for s in samples], dtype=torch.long)
         is_num = torch.tensor([s.answer_type in ("number", "time") or int(g) in num_ids
                                for s, g in zip(samples, gold)], dtype=torch.bool)
+        task = (tasks or {}).get(name) or EvalTask()
+        for m in {task.metric_for(s) for s in samples}:
+            metrics.METRICS.get(m)  # an unknown metric fails here, before any generation
+        prompted = [replace(s, question=render(task, s)) for s in samples]
         out[name] = EvalSet(
             skill=name,
             kind=kind,
-            encodings=data.encode_prompts(processor, samples),
+            encodings=data.encode_prompts(processor, prompted),
             answers=[s.answer for s in samples],
             answer_types=[s.answer_type for s in samples],
             choices=[tuple(s.choices) for s in samples],
@@ -190,6 +117,11 @@ def build_eval_sets(processor, samples_by_skill: Mapping[str, Sequence[Sample]],
             gold_first_token=gold,
             is_number=is_num,
             chance=chance[name] if chance and name in chance else _chance(samples),
+            task=task,
+            all_answers=[tuple(s.answers) for s in samples],
+            metric_names=[task.metric_for(s) for s in samples],
+            categories=[s.category for s in samples],
+            prompts=[s.question for s in prompted],
         )
     return out
 
@@ -216,9 +148,9 @@ def generated_eval_sets(processor, skills: Sequence[str], n: int, seed: int = 0,
 class SkillResult:
     skill: str
     kind: str
-    acc: float  # pp
+    acc: float  # pp: the task's aggregation of `scores`
     predictions: list[str]
-    correct: list[bool]
+    scores: list[float]  # per sample, in [0, 1] (the task's metric)
     chance: float | None
     first_logits: torch.Tensor | None = None  # [n, V] float32 (held-out skills only)
     is_number: torch.Tensor | None = None
@@ -303,6 +235,42 @@ def _to(batch: dict[str, torch.Tensor], device, dtype) -> dict[str, torch.Tensor
     return {k: v.to(device, dtype=dtype) if v.is_floating_point() else v.to(device) for k, v in batch.items()}
 
 
+def score_samples(es: EvalSet, preds: Sequence[str]) -> list[float | None]:
+    """Each prediction's score in [0, 1] by its sample's metric (None: the metric leaves it out)."""
+    answers = es.all_answers or [(a,) for a in es.answers]
+    names = es.metric_names or [f"typed_{t}" for t in es.answer_types]
+    return [metrics.METRICS.get(m)(p, list(a), list(c) if c else None)
+            for p, a, c, m in zip(preds, answers, es.choices, names)]
+
+
+def skill_result(es: EvalSet, preds: list[str], scores: list[float | None], first: torch.Tensor | None) -> SkillResult:
+    """A skill's result: its task's aggregation of the scores (pp), and what the probe needs."""
+    cats = es.categories or [""] * len(scores)
+    kept = [(v, c) for v, c in zip(scores, cats) if v is not None]
+    agg = metrics.AGGREGATIONS.get(es.task.aggregation)
+    acc = 100.0 * agg([v for v, _ in kept], [c for _, c in kept]) if kept else float("nan")
+    held = es.kind == "heldout"
+    return SkillResult(
+        skill=es.skill, kind=es.kind, acc=acc, predictions=list(preds), scores=list(scores), chance=es.chance,
+        first_logits=first if held else None, is_number=es.is_number if held else None,
+        gold_first_token=es.gold_first_token if held else None, prompt_ids=es.prompt_ids if held else [])
+
+
+def prediction_records(report: EvalReport, eval_sets: Mapping[str, EvalSet]) -> dict[str, list[dict]]:
+    """{skill: [{id, prompt, prediction, answers, choices, category, metric, score}]}: what
+    `lmm-ray score` re-scores (predictions files of every stage)."""
+    out = {}
+    for name, r in report.results.items():
+        es = eval_sets[name]
+        answers = es.all_answers or [(a,) for a in es.answers]
+        names = es.metric_names or [f"typed_{t}" for t in es.answer_types]
+        out[name] = [{"id": es.prompt_ids[j], "prompt": es.prompts[j] if es.prompts else "", "prediction": r.predictions[j],
+                      "answers": list(answers[j]), "choices": list(es.choices[j]),
+                      "category": es.categories[j] if es.categories else "", "metric": names[j], "score": r.scores[j]}
+                     for j in range(len(r.predictions))]
+    return out
+
+
 def evaluate(model, processor, eval_sets: Mapping[str, EvalSet], *, batch_size: int = 64,
              max_new_tokens: int = 8, probe_base: probe.ProbeBase | None = None,
              score_choices: bool = False) -> EvalReport:
@@ -341,7 +309,7 @@ def evaluate(model, processor, eval_sets: Mapping[str, EvalSet], *, batch_size: 
                     batch = data.collate(es.encodings[i:i + batch_size], pad_id, side="left")
                     prompt_len = batch["input_ids"].shape[1]
                     out = model.generate(**_to(batch, param.device, param.dtype), do_sample=False,
-                                         max_new_tokens=max_new_tokens, output_logits=True,
+                                         max_new_tokens=es.max_new_tokens(max_new_tokens), output_logits=True,
                                          return_dict_in_generate=True, pad_token_id=pad_id)
                     preds += _decode(tok, out.sequences[:, prompt_len:].cpu(), eos)
                     if keep:
@@ -354,13 +322,7 @@ def evaluate(model, processor, eval_sets: Mapping[str, EvalSet], *, batch_size: 
                         if t == "choice" and ch:
                             ids = letter_ids[:len(ch)]
                             preds[j] = LETTERS[int(first[j, ids].argmax())]
-                correct = [is_correct(p, a, t, c) for p, a, t, c in zip(preds, es.answers, es.answer_types, es.choices)]
-                held = es.kind == "heldout"
-                results[name] = SkillResult(
-                    skill=name, kind=es.kind, acc=100.0 * sum(correct) / len(correct), predictions=preds,
-                    correct=correct, chance=es.chance, first_logits=first if held else None,
-                    is_number=es.is_number if held else None, gold_first_token=es.gold_first_token if held else None,
-                    prompt_ids=es.prompt_ids if held else [])
+                results[name] = skill_result(es, preds, score_samples(es, preds), first)
     finally:
         model.train(was_training)
 

@@ -32,6 +32,7 @@ import unicodedata
 from collections import Counter
 from typing import Callable, Iterable, Mapping, Sequence
 
+from lmm_ray import answers as typed_rules
 from lmm_ray.registry import Registry
 
 Metric = Callable[[str, Sequence[str], "Sequence[str] | None"], "float | None"]
@@ -507,6 +508,21 @@ def number(prediction: str, answers: Sequence[str], choices: Sequence[str] | Non
 
 # ---------------------------------------------------------------------------------------------
 # Aggregation and `score`
+
+
+# ---------------------------------------------------------------------------------------------
+# typed_<answer type>: the generated skills' rules (answers.py), so their predictions re-score too
+
+
+def _typed(answer_type: str) -> Metric:
+    def metric(prediction: str, answers: Sequence[str], choices: Sequence[str] | None = None) -> float:
+        return float(any(typed_rules.is_correct(prediction, a, answer_type, tuple(choices or ())) for a in answers))
+
+    return metric
+
+
+for _t in typed_rules.ANSWER_TYPES:
+    METRICS.register(f"typed_{_t}", _typed(_t))
 
 
 @AGGREGATIONS.register("mean")

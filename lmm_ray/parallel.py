@@ -311,10 +311,9 @@ def gather_objects(obj: Any) -> list[Any]:
 def subset_eval_set(es, idx: Sequence[int]):
     """An `evaluate.EvalSet` restricted to the items `idx` (repeats allowed: the padding)."""
     t = torch.tensor(list(idx), dtype=torch.long)
-    return dataclasses.replace(
-        es, encodings=[es.encodings[i] for i in idx], answers=[es.answers[i] for i in idx],
-        answer_types=[es.answer_types[i] for i in idx], choices=[es.choices[i] for i in idx],
-        prompt_ids=[es.prompt_ids[i] for i in idx], gold_first_token=es.gold_first_token[t], is_number=es.is_number[t])
+    per_sample = {f.name: [getattr(es, f.name)[i] for i in idx] for f in dataclasses.fields(es)
+                  if isinstance(getattr(es, f.name), list) and len(getattr(es, f.name)) == len(es)}
+    return dataclasses.replace(es, **per_sample, gold_first_token=es.gold_first_token[t], is_number=es.is_number[t])
 
 
 def evaluate_sharded(model, processor, eval_sets, *, batch_size: int = 64, max_new_tokens: int = 8,
@@ -325,7 +324,7 @@ def evaluate_sharded(model, processor, eval_sets, *, batch_size: int = 64, max_n
     Each rank evaluates its padded slice of every eval set (`shard_indices`), so all ranks run the
     same number of `generate` calls; inside one call transformers' `synced_gpus` (on for
     FSDP-managed models) keeps ranks whose rows ended early stepping with the others. Predictions,
-    correctness and first-step logits are then gathered (`gather_objects`), the padding dropped
+    scores and first-step logits are then gathered (`gather_objects`), the padding dropped
     (`unpad`), and accuracy and the probe computed on the whole set. Works on a DDP or unsharded
     model too (each rank then evaluates 1/world of the prompts with its own full copy).
     """
@@ -341,21 +340,17 @@ def evaluate_sharded(model, processor, eval_sets, *, batch_size: int = 64, max_n
     part = E.evaluate(model, processor, local, batch_size=batch_size, max_new_tokens=max_new_tokens,
                       score_choices=score_choices)
     reshard(model)
-    mine = {name: (r.predictions, r.correct, r.first_logits) for name, r in part.results.items()}
+    mine = {name: (r.predictions, r.scores, r.first_logits) for name, r in part.results.items()}
     everyone = gather_objects(mine)
     results = {}
     for name, es in eval_sets.items():
         n = len(es)
         preds = unpad([g[name][0] for g in everyone], n)
-        correct = unpad([g[name][1] for g in everyone], n)
-        held = es.kind == "heldout"
+        scores = unpad([g[name][1] for g in everyone], n)
         first = None
-        if held:
+        if es.kind == "heldout":
             first = torch.cat([g[name][2][: _n_real(n, r, world)] for r, g in enumerate(everyone)])
-        results[name] = E.SkillResult(
-            skill=name, kind=es.kind, acc=100.0 * sum(correct) / n, predictions=preds, correct=correct,
-            chance=es.chance, first_logits=first, is_number=es.is_number if held else None,
-            gold_first_token=es.gold_first_token if held else None, prompt_ids=es.prompt_ids if held else [])
+        results[name] = E.skill_result(es, preds, scores, first)
     report = E.EvalReport(results, {}, probe.number_token_ids(processor.tokenizer))
     if any(r.kind == "heldout" for r in results.values()):
         report.set_probe_base(probe_base)

@@ -119,10 +119,10 @@ class Store:
 
     def write_text(self, rel: str, text: str) -> None:
         if not self.is_uri:
-            self.local.mkdir(parents=True, exist_ok=True)
+            (self.local / rel).parent.mkdir(parents=True, exist_ok=True)
             (self.local / rel).write_text(text)
             return
-        self.fs.create_dir(self.base, recursive=True)
+        self.fs.create_dir(f"{self.base}/{rel}".rsplit("/", 1)[0], recursive=True)
         with self.fs.open_output_stream(f"{self.base}/{rel}") as f:
             f.write(text.encode())
 

@@ -9,7 +9,6 @@ the fix, before any number is printed.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from lmm_ray import metrics

@@ -25,7 +25,7 @@ from lmm_ray.errors import SweepError
 from lmm_ray.results import Store
 from lmm_ray.schema import is_uri
 from lmm_ray.train import BASE_FILE  # in the sweep's folder too: the base evaluation every trial shares
-from lmm_ray.trial import trial_spec
+from lmm_ray.trial import PREDICTIONS, trial_spec
 
 TUNE_DIR = "tune"
 
@@ -312,9 +312,10 @@ def run(cfg: SweepConfig, *, resume: bool = False, address: str | None = None) -
             store.write_text(BASE_FILE, evaluate_base(cfg))
         packed = json.loads(store.read_text(BASE_FILE))
         packed["probe"] = bytes.fromhex(packed["probe"])
-        base_metrics, _ = unpack_base(packed)
+        base_metrics = unpack_base(packed)[0]
         trainable = ray.tune.with_resources(make_trial_fn(cfg, packed), cluster.TRIAL_DRIVER_RESOURCES)
-        logger = tracking.TrialLogger(cfg.mlflow_uri, cfg.experiment, cfg.name, parent, _flat_config(cfg), len(cfg.stages))
+        logger = tracking.TrialLogger(cfg.mlflow_uri, cfg.experiment, cfg.name, parent, _flat_config(cfg), len(cfg.stages),
+                                      predictions_root=None if store.is_uri else str(store.local / PREDICTIONS))
         if resume:
             tuner = ray.tune.Tuner.restore(f"{cfg.sweep_dir.rstrip('/')}/{TUNE_DIR}", trainable=trainable,
                                            resume_unfinished=True, resume_errored=True)

@@ -109,8 +109,10 @@ def child_runs(uri: str, experiment: str, sweep: str) -> list:
 class TrialLogger(Callback):
     """Tune callback: a child run per trial with params, per-stage metrics, status and stage table."""
 
-    def __init__(self, uri: str, experiment: str, sweep: str, parent_id: str, base_params: dict, stages_total: int):
+    def __init__(self, uri: str, experiment: str, sweep: str, parent_id: str, base_params: dict, stages_total: int,
+                 predictions_root: str | None = None):
         self.uri, self.experiment, self.sweep, self.parent_id = uri, experiment, sweep, parent_id
+        self.predictions_root = predictions_root  # <sweep>/predictions: each trial's JSONL files, logged at its end
         self.base_params, self.stages_total = base_params, stages_total
         self._runs: dict[str, str] = {}
         self._rows: dict[str, list[dict]] = {}
@@ -186,6 +188,9 @@ class TrialLogger(Callback):
             buf = io.StringIO()
             hist.to_csv(buf, index=False)
             c.log_text(run_id, buf.getvalue(), "stage_table.csv")
+        preds = Path(self.predictions_root) / trial.trial_id if self.predictions_root else None
+        if preds is not None and preds.is_dir():
+            c.log_artifacts(run_id, str(preds), "predictions")
         c.set_terminated(run_id, mlflow_status)
 
     def stage_table(self, trial):

@@ -25,6 +25,7 @@ import torch
 
 from lmm_ray import checkpoint, data, objective, parallel
 from lmm_ray.optim import NonFiniteLoss, amp, train_stage
+from lmm_ray.tasks import split_source
 from lmm_ray.trial import TrialSpec
 
 
@@ -38,23 +39,31 @@ def _samples(name: str, skill: str | None, source: dict | None, n: int, seed: in
 
     if skill is not None:
         return skills.generate(skill, n, seed=seed, image_size=image_size)
-    return load_samples(source, seed=seed)
+    return load_samples(split_source(source)[0], seed=seed)
 
 
-def eval_samples(spec: TrialSpec) -> tuple[dict, dict]:
-    """{name: samples} and {name: "target"|"heldout"} for every skill a trial evaluates."""
+def eval_samples(spec: TrialSpec) -> tuple[dict, dict, dict]:
+    """{name: samples}, {name: "target"|"heldout"} and {name: EvalTask} for every skill a trial evaluates."""
     ev = spec.eval
-    out, kinds = {}, {}
+    out, kinds, tasks = {}, {}, {}
     for st in spec.stages:
         src = st.eval_data if st.data is not None else None
         if st.data is not None and src is None:
             raise ValueError(f"stage {st.name!r} trains on real data but has no eval_data to measure it on")
         out[st.name] = _samples(st.name, st.skill, src, ev.n_per_skill, ev.seed, ev.image_size)
-        kinds[st.name] = "target"
+        kinds[st.name], tasks[st.name] = "target", split_source(src)[1]
     for h in spec.heldout:
         out[h.name] = _samples(h.name, h.skill, h.data, ev.n_per_skill, ev.seed, ev.image_size)
-        kinds[h.name] = "heldout"
-    return out, kinds
+        kinds[h.name], tasks[h.name] = "heldout", split_source(h.data)[1]
+    return out, kinds, tasks
+
+
+def trial_eval_sets(spec: TrialSpec, processor) -> dict:
+    """Every skill the trial evaluates, encoded once with its task's prompt (evaluate.EvalSet)."""
+    from lmm_ray import evaluate
+
+    samples, kinds, tasks = eval_samples(spec)
+    return evaluate.build_eval_sets(processor, samples, kinds, tasks=tasks)
 
 
 def stage_pool(spec: TrialSpec, s: int):
@@ -153,30 +162,43 @@ def base_evaluation(spec: TrialSpec, loaded=None, eval_sets=None):
 
     loaded = loaded or load(spec)
     if eval_sets is None:
-        samples, kinds = eval_samples(spec)
-        eval_sets = evaluate.build_eval_sets(loaded.processor, samples, kinds)
+        eval_sets = trial_eval_sets(spec, loaded.processor)
     device = next(loaded.model.parameters()).device
     with amp(device, dtypes(spec, device)[1]):
         report = parallel.evaluate_sharded(loaded.model, loaded.processor, eval_sets, batch_size=spec.eval.batch_size,
                                            max_new_tokens=spec.eval.max_new_tokens)
     probe_base = probe.ProbeBase.from_report(report)
     report.set_probe_base(probe_base)  # stage 0 gets the same keys as later stages (KL and bias 0)
-    return report.metrics(), probe_base
+    return report.metrics(), probe_base, evaluate.prediction_records(report, eval_sets)
 
 
-def pack_base(metrics: dict, probe_base) -> dict:
+def pack_base(metrics: dict, probe_base, predictions: dict | None = None) -> dict:
     """The base evaluation as plain data, to hand to Ray workers on any node."""
     with tempfile.TemporaryDirectory() as d:
         probe_base.save(Path(d) / "probe_base.pt")
-        return {"metrics": metrics, "probe": (Path(d) / "probe_base.pt").read_bytes()}
+        return {"metrics": metrics, "probe": (Path(d) / "probe_base.pt").read_bytes(), "predictions": predictions or {}}
 
 
 def unpack_base(packed: dict):
+    """(metrics, ProbeBase, prediction records) of a packed base evaluation."""
     from lmm_ray import probe
 
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "probe_base.pt").write_bytes(packed["probe"])
-        return packed["metrics"], probe.ProbeBase.load(Path(d) / "probe_base.pt")
+        return packed["metrics"], probe.ProbeBase.load(Path(d) / "probe_base.pt"), packed.get("predictions") or {}
+
+
+def write_predictions(spec: TrialSpec, stage: int, records: dict[str, list[dict]]) -> None:
+    """<predictions_dir>/stage<s>/<skill>.jsonl (stage 0 = the base): what `lmm-ray score` reads."""
+    if not spec.predictions_dir or not records:
+        return
+    import json
+
+    from lmm_ray.results import Store
+
+    store = Store(spec.predictions_dir)
+    for skill, rows in records.items():
+        store.write_text(f"stage{stage}/{skill}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,25 +225,24 @@ def run_trial(
 
     `train_model` is what `distribute` returned (DDP / FSDP); every rank runs this same function,
     evaluates its slice, and gets the same history. Only rank 0 writes checkpoints."""
-    from lmm_ray import evaluate
-
     if model is None:
         loaded, model, resolved = prepare(spec)
     train_model = train_model or model
     tr, ev, rspec = spec.train, spec.eval, spec.recipe
     device = next(model.parameters()).device
     compute = dtypes(spec, device)[1]
-    samples, kinds = eval_samples(spec)
-    eval_sets = evaluate.build_eval_sets(loaded.processor, samples, kinds)
+    sets = trial_eval_sets(spec, loaded.processor)
     if base is None:  # a plain run: evaluate the base here (the recipe has not changed any weight yet)
-        base = base_evaluation(spec, loaded=loaded, eval_sets=eval_sets)
-    base_metrics, probe_base = base
+        base = base_evaluation(spec, loaded=loaded, eval_sets=sets)
+    base_metrics, probe_base, base_predictions = base
     history: list[dict] = [base_metrics]
     start = 0
     if restore_dir:
         parallel.load_trainable_state(model, checkpoint.load_tensors(restore_dir))
         state = checkpoint.load_state(restore_dir)
         history, start = state["history"], state["stage"]
+    elif rank == 0:
+        write_predictions(spec, 0, base_predictions)
     fixed = {"trainable": resolved.trainable, "total_params": resolved.total, "trainable_share": resolved.share,
              **{f"roles/{r}": n for r, n in resolved.by_role.items()}}
     pad_id = loaded.tokenizer.pad_token_id
@@ -249,9 +270,13 @@ def run_trial(
             parallel.wise_ft_(model, prev, float(rspec.wise_ft.get("alpha", 0.5)))
         del teacher, prev
         with amp(device, compute):
-            result = parallel.evaluate_sharded(model, loaded.processor, eval_sets, batch_size=ev.batch_size,
+            result = parallel.evaluate_sharded(model, loaded.processor, sets, batch_size=ev.batch_size,
                                                max_new_tokens=ev.max_new_tokens, probe_base=probe_base)
         history.append(result.metrics())
+        if rank == 0:
+            from lmm_ray.evaluate import prediction_records
+
+            write_predictions(spec, s + 1, prediction_records(result, sets))
         extra = {"train_loss_first": stats.loss_first, "train_loss_last": stats.loss_last,
                  "stage_train_seconds": stats.seconds, "stage_steps": stats.steps}
         metrics = _stage_metrics(spec, history, fixed, extra)

@@ -19,6 +19,8 @@ from lmm_ray.config import HeldoutConfig, StageConfig, SweepConfig
 from lmm_ray.schema import EvalConfig, TrainConfig
 from lmm_ray.space import trial_recipe, trial_train
 
+PREDICTIONS = "predictions"  # the sweep folder's subfolder of per-trial prediction files
+
 if TYPE_CHECKING:  # lmm_ray.recipes imports transformers; the driver's config path stays light
     from lmm_ray.recipes import RecipeSpec
 
@@ -36,6 +38,7 @@ class TrialSpec:
     mu: float = 100.0
     trial_id: str = "local"
     strategy: str = "ddp"  # ddp | fsdp with more than one worker (resolved: never "auto" here)
+    predictions_dir: str | None = None  # <sweep>/predictions/<trial id>: a JSONL per stage and skill
 
     @property
     def recipe_name(self) -> str:
@@ -57,7 +60,7 @@ class TrialSpec:
         return {"model": self.model, "recipe_name": self.recipe.name, "recipe": self.recipe.to_dict(), "lr": self.lr,
                 "stages": [asdict(s) for s in self.stages], "heldout": [asdict(h) for h in self.heldout],
                 "train": asdict(self.train), "eval": asdict(self.eval), "lam": self.lam, "mu": self.mu,
-                "trial_id": self.trial_id, "strategy": self.strategy}
+                "trial_id": self.trial_id, "strategy": self.strategy, "predictions_dir": self.predictions_dir}
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrialSpec":
@@ -67,7 +70,7 @@ class TrialSpec:
                    stages=tuple(StageConfig(**s) for s in d["stages"]),
                    heldout=tuple(HeldoutConfig(**h) for h in d["heldout"]),
                    train=TrainConfig(**d["train"]), eval=EvalConfig(**d["eval"]), lam=d["lam"], mu=d["mu"],
-                   trial_id=d["trial_id"], strategy=d.get("strategy", "ddp"))
+                   trial_id=d["trial_id"], strategy=d.get("strategy", "ddp"), predictions_dir=d.get("predictions_dir"))
 
 
 def trial_spec(cfg: SweepConfig, sampled: dict, trial_id: str = "local") -> TrialSpec:
@@ -84,6 +87,7 @@ def trial_spec(cfg: SweepConfig, sampled: dict, trial_id: str = "local") -> Tria
         mu=cfg.objective.mu,
         trial_id=trial_id,
         strategy=resolved_strategy(cfg, trial_recipe(cfg.search_space, sampled).name),
+        predictions_dir=f"{cfg.sweep_dir.rstrip('/')}/{PREDICTIONS}/{trial_id}",
     )
 
 

@@ -57,8 +57,7 @@ def test_train_writes_a_model_that_transformers_loads_and_that_scores_as_reporte
     cfg = config.load_sweep(SMOKE, _overrides(tmp_path) + [f"search_space={recipe}"])
     spec = trial_spec(cfg, cfg.search_space.example())
     loaded = models.load_model(str(out))
-    samples, kinds = train.eval_samples(spec)
-    report = evaluate.evaluate(loaded.model, loaded.processor, evaluate.build_eval_sets(loaded.processor, samples, kinds),
+    report = evaluate.evaluate(loaded.model, loaded.processor, train.trial_eval_sets(spec, loaded.processor),
                                batch_size=spec.eval.batch_size, max_new_tokens=spec.eval.max_new_tokens)
     got = report.metrics()
     for k, v in history[-1].items():

@@ -197,6 +197,32 @@ def test_mlflow_one_parent_and_a_nested_child_per_trial(multi):
     assert {"pareto.csv", "results.csv", "stages.csv", "tradeoff.png", "heldout_by_stage.png"} <= parent_files, parent_files
 
 
+def test_predictions_of_every_skill_and_stage_rescore_to_the_logged_value(multi, capsys):
+    """Each trial's MLflow run holds <stage>/<skill>.jsonl for the base and every stage, and
+    `lmm-ray score` with the records' metric gives back the accuracy the run logged."""
+    _, children = sweep_runs(multi.dir, multi.name)
+    c = mlflow_client(multi.dir)
+    skills = {"count": "target", "clock": "target", "color": "heldout", "shape": "heldout", "presence": "heldout"}
+    for run in children:
+        tid = run.data.tags["lmm_ray.trial_id"]
+        got = c.download_artifacts(run.info.run_id, "predictions", str(multi.dir / f"preds_{tid}"))
+        files = sorted(str(p.relative_to(got)) for p in Path(got).rglob("*.jsonl"))
+        assert files == sorted(f"stage{s}/{k}.jsonl" for s in range(S + 1) for k in skills), files
+        for stage in (0, S):
+            for skill, kind in skills.items():
+                path = Path(got) / f"stage{stage}" / f"{skill}.jsonl"
+                rows = [json.loads(line) for line in path.read_text().splitlines()]
+                assert len(rows) == 8 and {"id", "prompt", "prediction", "answers", "choices", "category",
+                                            "score"} <= set(rows[0])
+                metric = rows[0]["metric"]
+                assert cli.main(["score", str(path), "--metric", metric, "--json"]) == 0
+                score = json.loads(capsys.readouterr().out)["score"]
+                logged = history(c, run.info.run_id, f"{kind}/{skill}/acc") if stage else None
+                want = dict(logged)[stage] if logged else \
+                    json.loads((multi.dir / "base_eval.json").read_text())["metrics"][f"{kind}/{skill}/acc"]
+                assert score == pytest.approx(want), (tid, stage, skill)
+
+
 def test_multi_objective_optuna_study(multi):
     """The OptunaSearch multi-objective path: 3 directions, trials told with the final vector."""
     import optuna

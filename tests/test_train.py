@@ -124,7 +124,7 @@ def test_every_design_metric_after_each_stage_and_aggregates_by_hand(two_stage, 
 
     # The base evaluated independently (a fresh model, not the trial's): stage 0. (Float noise ~1e-7
     # only: the trial evaluates its base after the recipe froze parameters, which picks other kernels.)
-    b, _ = train.base_evaluation(spec)
+    b, _, _ = train.base_evaluation(spec)
     assert_same_metrics(b, r["hist"][0])
     b = r["hist"][0]
     t = ["count", "clock"]
@@ -219,8 +219,7 @@ def test_to_full_model_loads_with_transformers_and_equals_base_plus_trained(two_
     from lmm_ray import evaluate, models
 
     loaded = models.load_model(str(out))
-    samples, kinds = train.eval_samples(r["spec"])
-    rep = evaluate.evaluate(loaded.model, loaded.processor, evaluate.build_eval_sets(loaded.processor, samples, kinds),
+    rep = evaluate.evaluate(loaded.model, loaded.processor, train.trial_eval_sets(r["spec"], loaded.processor),
                             batch_size=16, max_new_tokens=8)
     got = rep.metrics()
     for k in ("target/count/acc", "target/clock/acc", "heldout/color/acc", "heldout/shape/acc", "probe/number_mass"):
