@@ -235,6 +235,38 @@ def _to(batch: dict[str, torch.Tensor], device, dtype) -> dict[str, torch.Tensor
     return {k: v.to(device, dtype=dtype) if v.is_floating_point() else v.to(device) for k, v in batch.items()}
 
 
+CAPTION_PROMPT = "Describe the image in one sentence."
+
+
+def caption_encodings(processor, samples_by_skill: Mapping[str, Sequence[Sample]], n: int) -> list[dict]:
+    """Caption-style prompts on the first `n` images of each given (held-out) skill."""
+    return data.encode_prompts(processor, [replace(s, question=CAPTION_PROMPT)
+                                           for samples in samples_by_skill.values() for s in samples[:n]])
+
+
+def caption_probe(model, processor, encodings: Sequence[dict], *, batch_size: int, max_new_tokens: int) -> float:
+    """The study's counting-bias probe: the number-token probability mass averaged over the
+    generated steps of caption prompts (mean over prompts). Every rank runs every prompt."""
+    tok = processor.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    eos, number_ids = _eos_ids(model, tok), probe.number_token_ids(tok)
+    param = next(model.parameters())
+    masses: list[float] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for i in range(0, len(encodings), batch_size):
+                batch = data.collate(list(encodings[i:i + batch_size]), pad_id, side="left")
+                out = model.generate(**_to(batch, param.device, param.dtype), do_sample=False, max_new_tokens=max_new_tokens,
+                                     output_logits=True, return_dict_in_generate=True, pad_token_id=pad_id)
+                gen = out.sequences[:, batch["input_ids"].shape[1]:].cpu()
+                masses += probe.generated_number_mass([lg.cpu() for lg in out.logits], gen, eos, number_ids)
+    finally:
+        model.train(was_training)
+    return sum(masses) / len(masses)
+
+
 def score_samples(es: EvalSet, preds: Sequence[str]) -> list[float | None]:
     """Each prediction's score in [0, 1] by its sample's metric (None: the metric leaves it out)."""
     answers = es.all_answers or [(a,) for a in es.answers]

@@ -20,6 +20,7 @@ AGGREGATES = (
     "heldout_change_worst",
     "counting_bias",
     "counting_bias_final",
+    "caption_counting_bias",
     "kl_base",
     "objective",
 )
@@ -52,6 +53,10 @@ def aggregate(history: Sequence[dict], stage_skills: Sequence[str], lam: float =
         "heldout_change_worst": min(heldout),
         "counting_bias": mean(bias),
         "counting_bias_final": bias[-1],
+        # The study's form of the probe: number mass over the generated steps of caption prompts
+        # (evaluate.caption_probe), its change from the base averaged over stages like the bias.
+        "caption_counting_bias": mean(history[s]["probe/caption_number_mass"] - base["probe/caption_number_mass"]
+                                      for s in range(1, S + 1)) if "probe/caption_number_mass" in base else float("nan"),
         "kl_base": history[S].get("probe/kl_base", float("nan")),
     }
     out["objective"] = scalar_objective(out, lam, mu)

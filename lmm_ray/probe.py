@@ -65,6 +65,20 @@ def number_token_ids(tokenizer) -> list[int]:
     return ids
 
 
+def generated_number_mass(step_logits: Sequence[torch.Tensor], sequences: torch.Tensor, eos: set[int],
+                          number_ids: Sequence[int]) -> list[float]:
+    """Per row: the probability mass on number tokens averaged over the steps it generated (up to
+    and including its first end-of-turn token): the study's probe on caption-style prompts."""
+    v = step_logits[0].shape[-1]
+    mask = _number_mask(v, number_ids)
+    mass = torch.stack([lg.float().softmax(-1)[:, mask].sum(-1) for lg in step_logits], dim=1)  # [B, T]
+    out = []
+    for row, seq in zip(mass, sequences.tolist()):
+        end = next((i + 1 for i, t in enumerate(seq) if t in eos), len(seq))
+        out.append(row[:max(1, end)].mean().item())
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Base statistics
 

@@ -173,6 +173,8 @@ class EvalConfig:
     max_new_tokens: int = 8
     image_size: int = 64
     seed: int = 10000
+    caption_probe_n: int = 8  # images per held-out skill for the caption probe (0: off)
+    caption_tokens: int = 16  # tokens generated per caption
 
 
 @dataclass(frozen=True)
@@ -235,6 +237,8 @@ EVAL_RULES = {
     "max_new_tokens": R(int, ge(1)),
     "image_size": R(int, ge(8)),
     "seed": R(int, ge(0)),
+    "caption_probe_n": R(int, ge(0)),
+    "caption_tokens": R(int, ge(1)),
 }
 ALGORITHMS = ("tpe", "nsga2", "random", "grid")
 SEARCH_RULES = {

@@ -58,12 +58,38 @@ def eval_samples(spec: TrialSpec) -> tuple[dict, dict, dict]:
     return out, kinds, tasks
 
 
-def trial_eval_sets(spec: TrialSpec, processor) -> dict:
-    """Every skill the trial evaluates, encoded once with its task's prompt (evaluate.EvalSet)."""
+def trial_evaluation(spec: TrialSpec, processor) -> tuple[dict, list]:
+    """(every skill the trial evaluates, encoded once with its task's prompt (evaluate.EvalSet);
+    the caption prompts of the held-out images for the caption probe)."""
     from lmm_ray import evaluate
 
     samples, kinds, tasks = eval_samples(spec)
-    return evaluate.build_eval_sets(processor, samples, kinds, tasks=tasks)
+    held = {n: s for n, s in samples.items() if kinds[n] == "heldout"}
+    captions = evaluate.caption_encodings(processor, held, spec.eval.caption_probe_n) if spec.eval.caption_probe_n else []
+    return evaluate.build_eval_sets(processor, samples, kinds, tasks=tasks), captions
+
+
+def trial_eval_sets(spec: TrialSpec, processor) -> dict:
+    return trial_evaluation(spec, processor)[0]
+
+
+def evaluate_stage(spec: TrialSpec, model, processor, sets: dict, captions: list, probe_base=None):
+    """(report, metrics) of one evaluation: every skill on every rank's slice (parallel.evaluate_sharded)
+    and the caption probe (`probe/caption_number_mass`), in the trial's compute dtype. Without a
+    `probe_base` (the base model itself) the report's probe is made its own base (KL and bias 0)."""
+    from lmm_ray import evaluate, probe
+
+    device = next(model.parameters()).device
+    with amp(device, dtypes(spec, device)[1]):
+        report = parallel.evaluate_sharded(model, processor, sets, batch_size=spec.eval.batch_size,
+                                           max_new_tokens=spec.eval.max_new_tokens, probe_base=probe_base)
+        if probe_base is None:
+            report.set_probe_base(probe.ProbeBase.from_report(report))
+        metrics = report.metrics()
+        if captions:
+            metrics["probe/caption_number_mass"] = evaluate.caption_probe(
+                model, processor, captions, batch_size=spec.eval.batch_size, max_new_tokens=spec.eval.caption_tokens)
+    return report, metrics
 
 
 def stage_pool(spec: TrialSpec, s: int):
@@ -155,21 +181,15 @@ class StageStartTeacher:
 # Base evaluation: computed once per sweep and shared by every trial
 
 
-def base_evaluation(spec: TrialSpec, loaded=None, eval_sets=None):
-    """(stage-0 metrics, ProbeBase) of the untuned model: what every trial of a sweep shares.
-    Under torch.distributed every rank must call it (each evaluates its slice)."""
+def base_evaluation(spec: TrialSpec, loaded=None, evaluation: tuple | None = None):
+    """(stage-0 metrics, ProbeBase, prediction records) of the untuned model: what every trial of a
+    sweep shares. Under torch.distributed every rank must call it (each evaluates its slice)."""
     from lmm_ray import evaluate, probe
 
     loaded = loaded or load(spec)
-    if eval_sets is None:
-        eval_sets = trial_eval_sets(spec, loaded.processor)
-    device = next(loaded.model.parameters()).device
-    with amp(device, dtypes(spec, device)[1]):
-        report = parallel.evaluate_sharded(loaded.model, loaded.processor, eval_sets, batch_size=spec.eval.batch_size,
-                                           max_new_tokens=spec.eval.max_new_tokens)
-    probe_base = probe.ProbeBase.from_report(report)
-    report.set_probe_base(probe_base)  # stage 0 gets the same keys as later stages (KL and bias 0)
-    return report.metrics(), probe_base, evaluate.prediction_records(report, eval_sets)
+    sets, captions = evaluation or trial_evaluation(spec, loaded.processor)
+    report, metrics = evaluate_stage(spec, loaded.model, loaded.processor, sets, captions)
+    return metrics, probe.ProbeBase.from_report(report), evaluate.prediction_records(report, sets)
 
 
 def pack_base(metrics: dict, probe_base, predictions: dict | None = None) -> dict:
@@ -228,12 +248,10 @@ def run_trial(
     if model is None:
         loaded, model, resolved = prepare(spec)
     train_model = train_model or model
-    tr, ev, rspec = spec.train, spec.eval, spec.recipe
-    device = next(model.parameters()).device
-    compute = dtypes(spec, device)[1]
-    sets = trial_eval_sets(spec, loaded.processor)
+    tr, rspec = spec.train, spec.recipe
+    sets, captions = trial_evaluation(spec, loaded.processor)
     if base is None:  # a plain run: evaluate the base here (the recipe has not changed any weight yet)
-        base = base_evaluation(spec, loaded=loaded, eval_sets=sets)
+        base = base_evaluation(spec, loaded=loaded, evaluation=(sets, captions))
     base_metrics, probe_base, base_predictions = base
     history: list[dict] = [base_metrics]
     start = 0
@@ -269,10 +287,8 @@ def run_trial(
         if prev is not None:
             parallel.wise_ft_(model, prev, float(rspec.wise_ft.get("alpha", 0.5)))
         del teacher, prev
-        with amp(device, compute):
-            result = parallel.evaluate_sharded(model, loaded.processor, sets, batch_size=ev.batch_size,
-                                               max_new_tokens=ev.max_new_tokens, probe_base=probe_base)
-        history.append(result.metrics())
+        result, stage_metrics = evaluate_stage(spec, model, loaded.processor, sets, captions, probe_base)
+        history.append(stage_metrics)
         if rank == 0:
             from lmm_ray.evaluate import prediction_records
 
