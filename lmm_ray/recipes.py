@@ -14,8 +14,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from lmm_ray.errors import RecipeError
 from lmm_ray.families import ROLE_ORDER, Family
 from lmm_ray.registry import Registry, did_you_mean
@@ -111,7 +109,9 @@ def load_recipe_file(path: str | Path) -> dict[str, RecipeSpec]:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file {str(path)!r} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    from lmm_ray import yamlfile
+
+    data = yamlfile.load(path) or {}
     if not isinstance(data, dict):
         raise RecipeError(f"recipe file {str(path)!r}: expected a mapping of recipe name -> spec")
     return {name: RecipeSpec.from_dict(name, d) for name, d in data.items()}

@@ -16,8 +16,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
-import yaml
-
 from lmm_ray.errors import ConfigError
 from lmm_ray.registry import did_you_mean
 
@@ -286,8 +284,11 @@ def resolve_path(p: str, base_dir: Path | None) -> Path:
 def read_yaml(path: Path, where: str):
     if not path.is_file():
         raise ConfigError(where, f"file not found: {path}", "check the path (relative paths: the sweep file's folder, then the current directory)")
+    from lmm_ray import yamlfile
+
     try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(where, f"{path} is not valid YAML: {e}", "fix the YAML syntax at the position shown") from None
+        return yamlfile.load(path)
+    except ConfigError as e:  # name the sweep key that points at the file, too
+        e.field = e.field or where
+        raise
 

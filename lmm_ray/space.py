@@ -19,8 +19,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from lmm_ray.errors import ConfigError, RecipeError
 from lmm_ray.registry import did_you_mean
 from lmm_ray.schema import (NAME_RE, TRAIN_RULES, UNIT, UNIT_CLOSED, R, Rule, TrainConfig, ge, gt, layers_ok, check_mapping,
@@ -287,8 +285,11 @@ def load_recipes_file(p: str, base_dir: Path | None) -> dict:
                           "check the path (relative to the sweep file's folder, then the current directory)")
     try:
         custom = load_recipe_file(path)
-    except (RecipeError, yaml.YAMLError) as e:
+    except RecipeError as e:
         raise ConfigError("recipes_file", str(e), "see lmm_ray/recipes.yaml for the keys a recipe takes") from None
+    except ConfigError as e:  # not UTF-8, not YAML, a key twice
+        e.field = e.field or "recipes_file"
+        raise
     for n in custom:
         if n in RECIPES:
             raise ConfigError("recipes_file", f"recipe {n!r} is a built-in recipe's name", f"rename it (e.g. my_{n})")

@@ -314,6 +314,8 @@ def _stage_metrics(spec: TrialSpec, history: list[dict], fixed: dict, extra: dic
     out["stage_skill"] = spec.stages[s - 1].name if s else ""
     if s >= 1:
         out.update(objective.aggregate(history, spec.targets[:s], spec.lam, spec.mu))
+    else:  # a trial that failed in stage 1 still reports every aggregate (NaN): Tune requires the metric
+        out.update({k: float("nan") for k in objective.AGGREGATES})
     out["stages_total"] = len(spec.stages)
     return out
 

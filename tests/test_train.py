@@ -331,6 +331,8 @@ def test_huge_learning_rate_fails_cleanly(small_spec, tmp_path):
     assert len(rec.metrics) == 1 and rec.metrics[0]["failed"] == 1
     assert re.search(r"stage 1, step \d+ \(lr=1e\+06\)", rec.metrics[0]["failure_reason"])
     assert rec.metrics[0]["stage"] == 0 and not rec.ckpts
+    # every aggregate is reported (NaN): Tune refuses a result without its metric, which ended the sweep
+    assert all(math.isnan(rec.metrics[0][k]) for k in ("objective", "learning", "heldout_change", "counting_bias"))
 
 
 # ---------------------------------------------------------------------------------------------
