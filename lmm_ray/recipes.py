@@ -49,6 +49,7 @@ class RecipeSpec:
                 raise RecipeError(
                     f"recipe {name!r}: unknown key {k!r}.{did_you_mean(k, known)} Valid keys: {', '.join(sorted(known))}"
                 )
+        _check_fields(name, d)
         kw = dict(d)
         for key in ("roles", "patterns"):
             v = kw.get(key, ())
@@ -102,6 +103,42 @@ class RecipeSpec:
             d["lora"] = lo
         d.update({k: v for k, v in overrides.items() if v is not None})
         return RecipeSpec.from_dict(self.name, d)
+
+
+def _check_fields(name: str, d: dict) -> None:
+    """Every value of a recipe checked with the rules the search space uses for the same option
+    (space.PARAMS), so a recipe file fails as clearly as a sweep file: field path, problem, fix."""
+    from lmm_ray.errors import ConfigError
+    from lmm_ray.schema import UNIT, UNIT_CLOSED, R, check_value, ge, gt
+
+    # layers and last_n: their types here; their ranges against the model's layers in resolve()
+    rules = {"layers": R(str), "last_n": R(int), "lora.rank": R(int, ge(1)), "lora.alpha": R(float, gt(0)),
+             "lora.dropout": R(float, UNIT), "lwf.weight": R(float, ge(0)), "lwf.temperature": R(float, gt(0)),
+             "wise_ft.alpha": R(float, UNIT_CLOSED)}
+    subkeys = {"lwf": ("weight", "temperature"), "wise_ft": ("alpha",)}
+    try:
+        for key in ("layers", "last_n"):
+            if d.get(key) is not None:
+                check_value(str(d[key]) if key == "layers" and isinstance(d[key], int) else d[key], rules[key], key)
+        if not isinstance(d.get("description", ""), str):
+            raise ConfigError("description", f"expected text, got {d['description']!r}", "quote it")
+        for key in ("roles", "patterns"):
+            v = d.get(key, ())
+            if not (isinstance(v, str) or (isinstance(v, (list, tuple)) and all(isinstance(x, str) and x for x in v))):
+                raise ConfigError(key, f"expected a list of names, got {v!r}", f"write e.g. {key}: [llm.attn.q, llm.attn.v]")
+        for block in ("lora", "lwf", "wise_ft"):
+            sub = d.get(block)
+            if sub is None:
+                continue
+            if not isinstance(sub, dict):
+                raise ConfigError(block, f"expected a mapping, got {sub!r}", f"write e.g. {block}: {{...}} (see lmm_ray/recipes.yaml)")
+            for k, v in sub.items():
+                if f"{block}.{k}" in rules:
+                    check_value(v, rules[f"{block}.{k}"], f"{block}.{k}")
+                elif block in subkeys and k not in subkeys[block]:
+                    raise ConfigError(f"{block}.{k}", f"unknown key {k!r}", f"valid keys: {', '.join(subkeys[block])}")
+    except ConfigError as e:
+        raise RecipeError(f"recipe {name!r}, field {e.field}: {e.problem}" + (f" (fix: {e.fix})" if e.fix else "")) from None
 
 
 def load_recipe_file(path: str | Path) -> dict[str, RecipeSpec]:

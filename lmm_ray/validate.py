@@ -18,20 +18,23 @@ from lmm_ray.config import SweepConfig
 from lmm_ray.errors import ConfigError
 from lmm_ray.space import SearchSpace, trial_recipe
 
-RECIPE_KEYS = ("recipe", "layers", "last_n", "lora_rank", "lora_roles", "lwf_weight", "wise_ft_alpha")
-MAX_COMBOS = 500
+# Which parameters train depends on these (every value is resolved); the numeric options of LoRA,
+# LwF and WiSE-FT only scale them (their range ends are checked, not every value in between).
+STRUCTURAL = ("recipe", "layers", "last_n", "lora_roles")
+NUMERIC = ("lora_rank", "lora_alpha", "lora_dropout", "lwf_weight", "lwf_temperature", "wise_ft_alpha")
 
 
-def _recipe_combos(space: SearchSpace) -> list[dict]:
-    """Every combination of the recipe-shaping values the search can sample (ranges: both ends)."""
-    dims = {}
-    for k in RECIPE_KEYS:
-        d = space.params.get(k)
-        if d is None:
-            continue
-        dims[k] = d.grid_values() if not d.continuous else [d.values[0], d.values[-1]]
-    combos = [dict(zip(dims, vals)) for vals in itertools.product(*dims.values())]
-    return combos[:MAX_COMBOS]
+def _recipe_combos(space: SearchSpace):
+    """Every combination of the structural values the search can sample, each with the numeric
+    options at both ends of their ranges: nothing the search can produce is left unresolved, and
+    numeric ranges are never enumerated (a generator: nothing is built up front)."""
+    dims = {k: space.params[k].grid_values() for k in STRUCTURAL if k in space.params}
+    ends = {k: [space.params[k].values[0], space.params[k].values[-1]] if space.params[k].kind != "choice"
+            else space.params[k].grid_values() for k in NUMERIC if k in space.params}
+    for vals in itertools.product(*dims.values()):
+        combo = dict(zip(dims, vals))
+        for i in range(max((len(v) for v in ends.values()), default=1)):
+            yield {**combo, **{k: v[min(i, len(v) - 1)] for k, v in ends.items()}}
 
 
 def check_recipes(cfg: SweepConfig, offline: bool = False) -> tuple[str, dict]:
