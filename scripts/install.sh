@@ -28,5 +28,14 @@ else
   "${pip[@]}" "${TORCH_SPEC:-torch==2.13.0}"
 fi
 echo "[install] installing lmm_ray and its dependencies"
-"${pip[@]}" -e ".[dev]"
+"${pip[@]}" -e ".[dev,lmms-eval]"
+# lmms-eval, the evaluation backend (lmm_ray/lmms_backend.py): without its own dependency list, which
+# would pull torchvision (changes image preprocessing; a CUDA build on some machines), opencv, wandb
+# and ~55 more. The `lmms-eval` extra above holds the few it imports, with filelock<4.
+echo "[install] installing lmms-eval ${LMMS_EVAL_SPEC:-lmms-eval==0.7.3} (--no-deps)"
+"${pip[@]}" --no-deps "${LMMS_EVAL_SPEC:-lmms-eval==0.7.3}"
 "$py" -c "import torch, transformers, ray, peft, optuna, mlflow, pandas; print('[install] ok: torch', torch.__version__, '| transformers', transformers.__version__, '| ray', ray.__version__)"
+"$py" -c "from lmm_ray import lmms_backend; lmms_backend.require(); from importlib.metadata import version; print('[install] ok: lmms-eval', version('lmms_eval'))"
+if "$py" -m pip list 2>/dev/null | grep -q -i -E '^torchvision '; then
+  echo "[install] note: torchvision is installed: transformers' image processors then use it (slightly different pixels)"
+fi
