@@ -56,7 +56,8 @@ class StageConfig:
 class HeldoutConfig:
     name: str
     skill: str | None = None  # a generated held-out skill ...
-    data: dict | None = None  # ... or a loaders.load_samples source
+    data: dict | None = None  # ... or a loaders.load_samples source ...
+    lmms_eval: str | None = None  # ... or an lmms-eval task run in-process (lmms_backend.py)
 
     def to_dict(self) -> dict | str:
         return self.name if self.skill == self.name and self.data is None else \
@@ -64,7 +65,7 @@ class HeldoutConfig:
 
 
 STAGE_KEYS = ("name", "skill", "data", "eval_data", "steps", "epochs")
-HELDOUT_KEYS = ("name", "skill", "data")
+HELDOUT_KEYS = ("name", "skill", "data", "lmms_eval")
 _PATH_KEYS = ("llava_json", "dataset_yaml", "image_folder", "path")  # `path`: a benchmark's local copy
 
 
@@ -198,10 +199,16 @@ def _heldout(raw, heldouts: list[str], base_dir) -> tuple[HeldoutConfig, ...]:
         if isinstance(h, str):
             h = {"skill": h}
         check_mapping(h, where, HELDOUT_KEYS, example="a skill name, or {name: mybench, data: {...}}")
-        if ("skill" in h) == ("data" in h):
-            raise ConfigError(where, "needs exactly one of `skill` (a generated held-out skill) and `data` (a real dataset)",
-                              "write a skill name, or {name: mybench, data: {hf: ..., split: test, n: 500}}")
-        if "skill" in h:
+        if sum(k in h for k in ("skill", "data", "lmms_eval")) != 1:
+            raise ConfigError(where, "needs exactly one of `skill` (a generated held-out skill), `data` (a real dataset) "
+                              "and `lmms_eval` (an lmms-eval task)",
+                              "write a skill name, {name: mybench, data: {benchmark: ai2d, n: 500}} or {name: ai2d, lmms_eval: ai2d}")
+        task = None
+        if "lmms_eval" in h:
+            skill = data = None
+            task = check_value(h["lmms_eval"], R(str), f"{where}.lmms_eval")
+            name = check_value(h.get("name", task), R(str), f"{where}.name")
+        elif "skill" in h:
             skill = check_value(h["skill"], R(str), f"{where}.skill")
             if skill not in heldouts:
                 what = "a target skill, not a held-out one" if skill in SKILLS else "an unknown skill"
@@ -219,7 +226,11 @@ def _heldout(raw, heldouts: list[str], base_dir) -> tuple[HeldoutConfig, ...]:
             raise ConfigError(f"{where}.name", f"{name!r} may only contain letters, digits, '_', '.', '-'", "rename it")
         if any(x.name == name for x in out):
             raise ConfigError(where, f"held-out name {name!r} is listed twice", "remove the duplicate")
-        out.append(HeldoutConfig(name, skill, data))
+        out.append(HeldoutConfig(name, skill, data, task))
+    if all(h.lmms_eval for h in out):
+        raise ConfigError("heldout", "every held-out entry is an lmms-eval task: the counting-bias probe reads the "
+                          "first answer token of held-out sets lmm_ray loads itself, so it would have nothing to read",
+                          "add at least one `skill:` or `data:` entry (e.g. {name: ai2d, data: {benchmark: ai2d, n: 500}})")
     return tuple(out)
 
 
@@ -424,6 +435,8 @@ def _parse(raw, base_dir: Path | None) -> SweepConfig:
         objective=read_section(raw, "objective", ObjectiveConfig, OBJECTIVE_RULES, _OBJ_NAMES),
         resources=read_section(raw, "resources", ResourcesConfig, RESOURCES_RULES),
     )
+    if sections["eval"].lmms_include_path:  # workers run elsewhere: absolute
+        sections["eval"] = replace(sections["eval"], lmms_include_path=str(resolve_path(sections["eval"].lmms_include_path, base_dir)))
     search, sched, obj = sections["search"], sections["scheduler"], sections["objective"]
     if sched.type == "asha":
         if obj.mode == "multi":

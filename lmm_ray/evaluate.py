@@ -167,6 +167,7 @@ class EvalReport:
     results: dict[str, SkillResult]
     probe: dict[str, float]
     number_ids: list[int]
+    extra_records: dict[str, list[dict]] = field(default_factory=dict)  # predictions of skills scored elsewhere (lmms-eval)
 
     @property
     def acc(self) -> dict[str, float]:
@@ -202,7 +203,8 @@ class EvalReport:
 
     def heldout_first_logits(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
         """(first-step logits [P, V], is_number [P], gold first token [P], prompt ids) of all held-out skills."""
-        held = [r for r in self.results.values() if r.kind == "heldout"]
+        # (held-out skills scored by lmms-eval keep no first-step logits: the probe reads the others)
+        held = [r for r in self.results.values() if r.kind == "heldout" and r.first_logits is not None]
         if not held:
             raise ValueError("this report has no held-out skill")
         return (torch.cat([r.first_logits for r in held]), torch.cat([r.is_number for r in held]),
@@ -291,8 +293,10 @@ def skill_result(es: EvalSet, preds: list[str], scores: list[float | None], firs
 def prediction_records(report: EvalReport, eval_sets: Mapping[str, EvalSet]) -> dict[str, list[dict]]:
     """{skill: [{id, prompt, prediction, answers, choices, category, metric, score}]}: what
     `lmm-ray score` re-scores (predictions files of every stage)."""
-    out = {}
+    out = dict(report.extra_records)
     for name, r in report.results.items():
+        if name in out:
+            continue
         es = eval_sets[name]
         answers = es.all_answers or [(a,) for a in es.answers]
         names = es.metric_names or [f"typed_{t}" for t in es.answer_types]

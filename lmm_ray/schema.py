@@ -173,6 +173,7 @@ class EvalConfig:
     seed: int = 10000
     caption_probe_n: int = 8  # images per held-out skill for the caption probe (0: off)
     caption_tokens: int = 16  # tokens generated per caption
+    lmms_include_path: str | None = None  # a folder of your own lmms-eval task YAMLs (absolute once parsed)
 
 
 @dataclass(frozen=True)
@@ -237,6 +238,7 @@ EVAL_RULES = {
     "seed": R(int, ge(0)),
     "caption_probe_n": R(int, ge(0)),
     "caption_tokens": R(int, ge(1)),
+    "lmms_include_path": R(str, nullable=True),
 }
 ALGORITHMS = ("tpe", "nsga2", "random", "grid")
 SEARCH_RULES = {

@@ -53,6 +53,8 @@ def eval_samples(spec: TrialSpec) -> tuple[dict, dict, dict]:
         out[st.name] = _samples(st.name, st.skill, src, ev.n_per_skill, ev.seed, ev.image_size)
         kinds[st.name], tasks[st.name] = "target", split_source(src)[1]
     for h in spec.heldout:
+        if h.lmms_eval:  # lmms-eval loads, prompts and scores its task itself (lmms_backend.py)
+            continue
         out[h.name] = _samples(h.name, h.skill, h.data, ev.n_per_skill, ev.seed, ev.image_size)
         kinds[h.name], tasks[h.name] = "heldout", split_source(h.data)[1]
     return out, kinds, tasks
@@ -83,6 +85,16 @@ def evaluate_stage(spec: TrialSpec, model, processor, sets: dict, captions: list
     with amp(device, dtypes(spec, device)[1]):
         report = parallel.evaluate_sharded(model, processor, sets, batch_size=spec.eval.batch_size,
                                            max_new_tokens=spec.eval.max_new_tokens, probe_base=probe_base)
+        lmms = {h.name: h.lmms_eval for h in spec.heldout if h.lmms_eval}
+        if lmms:  # every rank takes part: lmms-eval shards the documents by rank
+            from lmm_ray import lmms_backend
+
+            for name, r in lmms_backend.run_tasks(model, processor, lmms, batch_size=spec.eval.batch_size,
+                                                  include_path=spec.eval.lmms_include_path).items():
+                report.results[name] = evaluate.SkillResult(
+                    skill=name, kind="heldout", acc=r["score"], predictions=[x["prediction"] for x in r["samples"]],
+                    scores=[x["score"] for x in r["samples"]], chance=None)
+                report.extra_records[name] = [{**x, "metric": f"lmms_eval:{r['task']}/{r['metric']}"} for x in r["samples"]]
         if probe_base is None:
             report.set_probe_base(probe.ProbeBase.from_report(report))
         metrics = report.metrics()

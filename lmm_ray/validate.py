@@ -104,6 +104,25 @@ def check_tracking(cfg: SweepConfig) -> None:
         raise ConfigError("tracking.mlflow_uri", str(e), "start the server or fix tracking.mlflow_uri") from None
 
 
+def check_lmms_tasks(cfg: SweepConfig) -> None:
+    """Held-out entries that are lmms-eval tasks: the extra is installed and every task name exists."""
+    from lmm_ray import lmms_backend
+
+    include = cfg.eval.lmms_include_path
+    if include and not Path(include).is_dir():
+        raise ConfigError("eval.lmms_include_path", f"{include} is not a folder", "give the folder that holds your task YAMLs")
+    for i, h in enumerate(cfg.heldout):
+        if not h.lmms_eval:
+            continue
+        try:
+            lmms_backend.check_tasks([h.lmms_eval], include)
+        except lmms_backend.LmmsEvalMissing as e:
+            raise ConfigError(f"heldout.{i}.lmms_eval", str(e).split(";")[0], lmms_backend.INSTALL_HINT) from None
+        except ValueError as e:
+            raise ConfigError(f"heldout.{i}.lmms_eval", str(e), "use a task name `python -m lmms_eval --tasks list` shows, "
+                              "or a benchmark preset: {name: ai2d, data: {benchmark: ai2d}}") from None
+
+
 def check_runtime(cfg: SweepConfig, address: str | None, offline: bool) -> None:
     """What the trial's device and libraries must support: FSDP's block list, dtypes, attention."""
     import importlib.util
@@ -169,6 +188,7 @@ def check(cfg: SweepConfig, *, address: str | None = None, offline: bool = False
     if not offline:  # offline checks the files against the model's configuration only
         check_local_resources(cfg, address)
     family, trainable = check_recipes(cfg, offline=offline)
+    check_lmms_tasks(cfg)
     check_runtime(cfg, address, offline)
     mem = check_memory(cfg)
     if not offline:

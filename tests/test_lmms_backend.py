@@ -325,3 +325,35 @@ def test_two_workers_equal_one_process_exactly(two_workers, one_process, mode):
     r = two_workers[0][mode]["out"]["chart"]
     ours = metrics.score([{"prediction": s["prediction"], "answers": s["answers"]} for s in r["samples"]], "relaxed")
     assert r["score"] == ours["score"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The wiring: a held-out entry `lmms_eval:` in a trial
+
+
+@needs_extra
+def test_a_trial_scores_an_lmms_eval_heldout_task_each_stage(small_spec, lmms_task, tmp_path):
+    """run_trial evaluates `{name: chart, lmms_eval: <task>}` after every stage (and for the base),
+    reports it as heldout/chart/acc (in the held-out mean), and writes its predictions."""
+    from dataclasses import replace
+
+    from lmm_ray import train
+    from lmm_ray.config import HeldoutConfig
+    from lmm_ray.schema import EvalConfig
+
+    spec = small_spec("sa_proj", stages=1, steps=2)
+    spec = replace(spec, heldout=(*spec.heldout, HeldoutConfig("chart", lmms_eval=TASK)),
+                   eval=EvalConfig(**{**spec.eval.__dict__, "lmms_include_path": str(lmms_task)}),
+                   predictions_dir=str(tmp_path / "preds"))
+    rows: list[dict] = []
+    hist = train.run_trial(spec, lambda m, d: rows.append(dict(m)))
+    for h in hist:  # base and stage 1
+        assert 0.0 <= h["heldout/chart/acc"] <= 100.0
+        accs = [h[f"heldout/{n}/acc"] for n in ("color", "shape", "chart")]
+        assert h["heldout/mean_acc"] == pytest.approx(sum(accs) / 3)
+        assert "probe/number_mass" in h  # the probe reads the other held-out sets
+    for stage in (0, 1):
+        lines = (tmp_path / "preds" / f"stage{stage}" / "chart.jsonl").read_text().splitlines()
+        recs = [json.loads(x) for x in lines]
+        assert len(recs) == KEEP and recs[0]["metric"].startswith(f"lmms_eval:{TASK}/")
+        assert 100.0 * sum(r["score"] for r in recs) / len(recs) == pytest.approx(hist[stage]["heldout/chart/acc"])
