@@ -15,7 +15,9 @@ What the evaluation sets need beyond image/question/answer columns:
   * `columns: {context: hint}` and `columns: {category: l2_category}` kept on the Sample;
   * `filter: {data_type: image}`: only rows whose column equals the value (or one of a list).
 
-Rows are checked (text only) before any image is opened, and only kept rows are opened.
+Rows are checked (text only) before any image is opened, and only kept rows are opened:
+`plan_hf_dataset` keeps each row's image as an `HFImage` reference (row number into the
+memory-mapped dataset), opened when a batch needs it.
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ from typing import Any
 from lmm_ray.skills.loaders import (
     SUBSET_SEED,
     DataError,
+    HFImage,
     Sample,
+    SamplePlan,
     _check_answer_type,
-    _materialise,
     _Pending,
     _typed_answer,
     _where,
@@ -226,14 +229,20 @@ def _opt_text(v: Any, where: str, fld: str, col: str) -> str:
     return v.strip()
 
 
-def load_hf_dataset(path_or_id, *, split: str = "train", config: str | None = None, revision: str | None = None,
+def load_hf_dataset(path_or_id, **kw) -> list[Sample]:
+    """Samples from a Hugging Face dataset (see the module docstring), every image opened; the
+    options are those of `plan_hf_dataset`."""
+    return plan_hf_dataset(path_or_id, **kw).samples()
+
+
+def plan_hf_dataset(path_or_id, *, split: str = "train", config: str | None = None, revision: str | None = None,
                     columns: dict | None = None, filter: dict | None = None, multi_image: str | None = None,
                     n: int | str | None = None, seed: int = SUBSET_SEED, answer_type: str | None = None,
-                    skill: str | None = None, meta: dict | None = None) -> list[Sample]:
-    """Samples from a Hugging Face dataset (see the module docstring). `columns` maps our fields
-    (image, question, answer; optional choices, id, context, category) to the dataset's columns.
-    `n`: the first n rows, or a sampling strategy such as "random:500", drawn with `seed` after
-    `filter`. `meta` is added to every sample's meta (e.g. the benchmark name)."""
+                    skill: str | None = None, meta: dict | None = None) -> SamplePlan:
+    """The samples of a Hugging Face dataset as references (text checked, images not opened).
+    `columns` maps our fields (image, question, answer; optional choices, id, context, category)
+    to the dataset's columns. `n`: the first n rows, or a sampling strategy such as "random:500",
+    drawn with `seed` after `filter`. `meta` is added to every sample's meta (e.g. the benchmark name)."""
     source = _describe(path_or_id, config, split)
     _check_answer_type(answer_type, source)
     cols = _check_columns(columns, source)
@@ -295,21 +304,27 @@ def load_hf_dataset(path_or_id, *, split: str = "train", config: str | None = No
                                 meta={"source": str(path_or_id), **({"config": config} if config else {}),
                                       "split": split, "index": i, **(meta or {})},
                                 answers=answers, context=context, category=category))
-    _attach_images(ds, sub, cols["image"], pending, path_or_id, multi_image)
-    return _materialise(pending)
+    _attach_images(ds, rows, cols["image"], pending, path_or_id, multi_image)
+    return SamplePlan(pending, source)
 
 
-def _attach_images(ds, sub, col: str, pending: list[_Pending], path_or_id, multi_image: str | None) -> None:
+def _attach_images(ds, rows: list[int], col: str, pending: list[_Pending], path_or_id, multi_image: str | None) -> None:
+    """Point each pending row at its image cell (an HFImage), after checking list-of-images counts."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     base = Path(str(path_or_id)).expanduser() if Path(str(path_or_id)).expanduser().is_dir() else None
     if not pending:
         return
+    # The image column alone, in arrow format: a row is read (not decoded) when it is opened.
+    view = ds.select_columns([col]).with_format("arrow")
     atype = ds.data.schema.field(col).type
     if pa.types.is_list(atype) or pa.types.is_large_list(atype) or pa.types.is_fixed_size_list(atype):
-        arr = sub.with_format("arrow")[col]  # undecoded {bytes, path} structs: check counts first
-        counts = pc.list_value_length(arr).to_pylist()
+        if getattr(ds, "_indices", None) is None:  # list lengths from the offsets only: no image bytes read
+            lengths = pc.list_value_length(ds.data.column(col))
+            counts = [lengths[i].as_py() for i in rows]
+        else:
+            counts = pc.list_value_length(ds.select(rows).with_format("arrow")[col]).to_pylist()
         for p, k in zip(pending, counts):
             if not k:
                 raise DataError(f"{p.where}, field 'image' (column {col!r}): no image (empty list)")
@@ -317,14 +332,9 @@ def _attach_images(ds, sub, col: str, pending: list[_Pending], path_or_id, multi
                 raise DataError(f"{p.where}, field 'image' (column {col!r}): {k} images in one row, and lmm_ray "
                                 f"gives the model one image per question; set `multi_image: first` to use the "
                                 f"first one, or filter such rows out (SEED-Bench: `filter: {{data_type: image}}`)")
-        images = [lst[0] for lst in arr.to_pylist()]
-    else:
-        images = sub[col]
-    for p, img in zip(pending, images):
-        if isinstance(img, str) and base is not None and not Path(img).is_absolute():
-            img = base / img  # a relative image path in a local dataset
-        p.image = img
+    for p, i in zip(pending, rows):
+        p.image = HFImage(view, i, str(base) if base is not None else None)
         p.image_folder = str(base) if base is not None else ""
 
 
-__all__ = ["DEFAULT_HF_COLUMNS", "HF_FIELDS", "MULTI_IMAGE", "load_hf_dataset"]
+__all__ = ["DEFAULT_HF_COLUMNS", "HF_FIELDS", "MULTI_IMAGE", "load_hf_dataset", "plan_hf_dataset"]
