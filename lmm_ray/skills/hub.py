@@ -50,6 +50,14 @@ MULTI_IMAGE = ("error", "first")
 _HF_FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".arrow": "arrow"}
 
 
+def _err(message: str, field: str) -> DataError:
+    """A DataError tagged with the source key to fix ("config", "split", "hf", "columns.answer",
+    "filter.data_type"), so `lmm-ray validate` can name the field of the sweep file."""
+    e = DataError(message)
+    e.field = field
+    return e
+
+
 def _describe(path_or_id, config: str | None, split: str) -> str:
     return f"{path_or_id} (" + (f"config {config!r}, " if config else "") + f"split {split!r})"
 
@@ -85,12 +93,12 @@ def _open_hf(path_or_id: str, split: str, config: str | None = None, revision: s
             p, config = p / config, None  # save_to_disk copies keep one folder per config
         if _is_saved(p):
             if config:
-                raise DataError(f"{source}: a save_to_disk folder has no configs and there is no subfolder "
-                                f"{config!r}; save each config to <path>/<config>")
+                raise _err(f"{source}: a save_to_disk folder has no configs and there is no subfolder "
+                           f"{config!r}; save each config to <path>/<config>", "config")
             ds = datasets.load_from_disk(str(p))
             if isinstance(ds, datasets.DatasetDict):
                 if split not in ds:
-                    raise DataError(f"{path_or_id}: no split {split!r}; its splits are {sorted(ds)}")
+                    raise _err(f"{path_or_id}: no split {split!r}; its splits are {sorted(ds)}", "split")
                 ds = ds[split]
             return ds
         if p.is_file():
@@ -101,7 +109,7 @@ def _open_hf(path_or_id: str, split: str, config: str | None = None, revision: s
         if p.is_dir():  # a hub-like folder: data/<split>-*.parquet, or <config>/... with a README configs block
             return datasets.load_dataset(str(p), name=config, split=split)
         if p.is_absolute() or str(path_or_id).startswith((".", "~")):
-            raise DataError(f"{path_or_id}: dataset path not found")
+            raise _err(f"{path_or_id}: dataset path not found", "hf")
         return datasets.load_dataset(path_or_id, name=config, split=split, revision=revision)  # a hub id
     except DataError:
         raise
@@ -110,10 +118,12 @@ def _open_hf(path_or_id: str, split: str, config: str | None = None, revision: s
         if "Config name is missing" in msg or ("BuilderConfig" in msg and "not found" in msg):
             names = _config_names(msg, path_or_id, revision)
             if config is None:
-                raise DataError(f"{source}: the dataset has several configs (subsets) and the source names none; "
-                                f"set `config:` to one of {names}") from None
-            raise DataError(f"{source}: config {config!r} not found; the dataset's configs are {names}") from None
-        raise DataError(f"{source}: could not load the dataset: {type(e).__name__}: {e}") from e
+                raise _err(f"{source}: the dataset has several configs (subsets) and the source names none; "
+                           f"set `config:` to one of {names}", "config") from None
+            raise _err(f"{source}: config {config!r} not found; the dataset's configs are {names}", "config") from None
+        if "Unknown split" in msg:
+            raise _err(f"{source}: {msg}", "split") from None
+        raise _err(f"{source}: could not load the dataset: {type(e).__name__}: {e}", "hf") from e
 
 
 def _most_common(values: list) -> Any:
@@ -256,12 +266,8 @@ def plan_hf_dataset(path_or_id, *, split: str = "train", config: str | None = No
         raise DataError(f"{source}: field 'n': {e}") from None
 
     ds = _open_hf(str(path_or_id), split, config, revision)
-    available = ds.column_names
+    check_columns(ds.column_names, cols, flt, source)
     wanted = [(f, c) for f, spec in cols.items() for c in (spec if isinstance(spec, list) else [spec])]
-    for what, col in wanted + [("filter", c) for c in flt]:
-        if col not in available:
-            kind = "the filter" if what == "filter" else f"field {what!r}"
-            raise DataError(f"{source}: column {col!r} (for {kind}) is not in the dataset; its columns are {available}")
     rows = apply_sampling(_filter_rows(ds, flt, source), sampling, seed)
     sub = ds.select(rows)
     text_cols = list(dict.fromkeys(c for f, c in wanted if f != "image"))
@@ -308,6 +314,54 @@ def plan_hf_dataset(path_or_id, *, split: str = "train", config: str | None = No
     return SamplePlan(pending, source)
 
 
+def check_columns(available: list[str], cols: dict, flt: dict, source: str) -> None:
+    """Every column the column map and the filter name is in `available` (DataError tagged
+    `columns.<field>` / `filter.<column>` otherwise)."""
+    for fld, spec in cols.items():
+        for col in spec if isinstance(spec, list) else [spec]:
+            if col not in available:
+                raise _err(f"{source}: column {col!r} (for field {fld!r}) is not in the dataset; its columns are "
+                           f"{available}", f"columns.{fld}")
+    for col in flt:
+        if col not in available:
+            raise _err(f"{source}: column {col!r} (for the filter) is not in the dataset; its columns are {available}",
+                       f"filter.{col}")
+
+
+def dataset_columns(path_or_id, *, split: str = "train", config: str | None = None,
+                    revision: str | None = None) -> list[str] | None:
+    """The columns of a dataset's split, reading no row: a local copy is opened (memory-mapped); a
+    hub dataset's published schema is read (`load_dataset_builder(...).info`: the dataset card, no
+    data files). None: the hub dataset publishes no schema. Raises DataError tagged with the
+    source key at fault (config, split, hf), or ConnectionError when the hub is unreachable."""
+    p = Path(str(path_or_id)).expanduser()
+    if p.exists() or p.is_absolute() or str(path_or_id).startswith((".", "~")):
+        return list(_open_hf(str(path_or_id), split, config, revision).column_names)
+    import datasets
+
+    source = _describe(path_or_id, config, split)
+    try:
+        builder = datasets.load_dataset_builder(str(path_or_id), name=config, revision=revision)
+    except ConnectionError:
+        raise
+    except Exception as e:  # noqa: BLE001 - datasets raises many types; classify by message
+        msg = str(e)
+        if "Config name is missing" in msg or ("BuilderConfig" in msg and "not found" in msg):
+            names = _config_names(msg, str(path_or_id), revision)
+            if config is None:
+                raise _err(f"{source}: the dataset has several configs (subsets) and the source names none; "
+                           f"set `config:` to one of {names}", "config") from None
+            raise _err(f"{source}: config {config!r} not found; the dataset's configs are {names}", "config") from None
+        if "OfflineModeIsEnabled" in msg or "Couldn't reach" in msg:
+            raise ConnectionError(msg) from None
+        raise _err(f"{source}: no such dataset on the hub, or it cannot be read: {type(e).__name__}: {msg}",
+                   "hf") from None
+    splits = builder.info.splits
+    if splits and split not in splits:
+        raise _err(f"{source}: no split {split!r}; its splits are {sorted(splits)}", "split")
+    return list(builder.info.features) if builder.info.features else None
+
+
 def _attach_images(ds, rows: list[int], col: str, pending: list[_Pending], path_or_id, multi_image: str | None) -> None:
     """Point each pending row at its image cell (an HFImage), after checking list-of-images counts."""
     import pyarrow as pa
@@ -337,4 +391,5 @@ def _attach_images(ds, rows: list[int], col: str, pending: list[_Pending], path_
         p.image_folder = str(base) if base is not None else ""
 
 
-__all__ = ["DEFAULT_HF_COLUMNS", "HF_FIELDS", "MULTI_IMAGE", "load_hf_dataset", "plan_hf_dataset"]
+__all__ = ["DEFAULT_HF_COLUMNS", "HF_FIELDS", "MULTI_IMAGE", "check_columns", "dataset_columns", "load_hf_dataset",
+           "plan_hf_dataset"]
