@@ -17,11 +17,12 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import yaml
 from PIL import Image, UnidentifiedImageError
@@ -181,7 +182,7 @@ def _typed_answer(where: str, field_name: str, answer: str, question: str, answe
     return answer.strip(), kind, ()
 
 
-def _llava_record(rec: Any, index: int, path: Path, answer_type: str | None, skill: str) -> _Pending:
+def _llava_record(rec: Any, index: int, path: str, answer_type: str | None, skill: str) -> _Pending:
     if not isinstance(rec, dict):
         raise DataError(f"{_where(path, index)}: expected a JSON object, got {type(rec).__name__}")
     rid = rec.get("id")
@@ -213,31 +214,58 @@ def _llava_record(rec: Any, index: int, path: Path, answer_type: str | None, ski
     question = clean_question(question)
     answer, kind, choices = _typed_answer(where, f"conversations[{g}].value", answer, question, answer_type)
     return _Pending(where, image, question, answer, kind, choices, skill,
-                    str(rid) if rid not in (None, "") else f"{path.stem}-{index}",
-                    meta={"source": str(path), "index": index, "image": image})
+                    str(rid) if rid not in (None, "") else f"{Path(path).stem}-{index}",
+                    meta={"source": path, "index": index, "image": image})
 
 
-def _read_json_records(path: Path) -> list:
+_WS = re.compile(r"[ \t\n\r]*")
+
+
+def _read_json_records(path: Path) -> Iterator[Any]:
+    """The records of a .json list or a .jsonl file, one at a time: the caller turns each into a
+    small `_Pending` before the next is parsed, so the parsed dicts of a whole 40k-record file
+    (~1 KB each, memory Python keeps after they are freed) never exist at once."""
     if not path.is_file():
         raise DataError(f"{path}: dataset file not found")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
-        records = []
+        n = 0
         for lineno, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    records.append(json.loads(line))
+                    rec = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: record {len(records)} (line {lineno}, column {e.colno}) "
+                    raise DataError(f"{path}: record {n} (line {lineno}, column {e.colno}) "
                                     f"is not valid JSON: {e.msg}") from None
-        return records
+                n += 1
+                yield rec
+        return
+    decoder = json.JSONDecoder()
     try:
-        records = json.loads(text)
+        pos = _WS.match(text, 0).end()
+        if not text.startswith("[", pos):  # not a list: parse it whole for the message
+            doc = json.loads(text)
+            raise DataError(f"{path}: the top level should be a JSON list of records, got {type(doc).__name__}")
+        pos = _WS.match(text, pos + 1).end()
+        if text.startswith("]", pos):
+            pos += 1
+        else:
+            while True:
+                rec, pos = decoder.raw_decode(text, pos)
+                yield rec
+                pos = _WS.match(text, pos).end()
+                if text.startswith(",", pos):
+                    pos = _WS.match(text, pos + 1).end()
+                    continue
+                if text.startswith("]", pos):
+                    pos += 1
+                    break
+                raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
+        pos = _WS.match(text, pos).end()
+        if pos != len(text):
+            raise json.JSONDecodeError("Extra data", text, pos)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-    if not isinstance(records, list):
-        raise DataError(f"{path}: the top level should be a JSON list of records, got {type(records).__name__}")
-    return records
 
 
 def _plan_llava(json_path, image_folder, sampling, seed, answer_type, skill) -> list[_Pending]:
@@ -248,11 +276,14 @@ def _plan_llava(json_path, image_folder, sampling, seed, answer_type, skill) -> 
         raise DataError(f"{path}: {e}") from None
     _check_answer_type(answer_type, path)
     # All records are checked (cheap) before sampling, so a broken file fails whatever is sampled.
-    pending = [_llava_record(r, i, path, answer_type, skill or "") for i, r in enumerate(_read_json_records(path))]
-    folder = Path(image_folder) if image_folder is not None else path.parent
+    # One string for the file and one for the folder, shared by every record, and image paths as
+    # strings (not Path objects): a plan of 40k records then costs ~1 KB a record.
+    src = str(path)
+    pending = [_llava_record(r, i, src, answer_type, skill or "") for i, r in enumerate(_read_json_records(path))]
+    folder = str(Path(image_folder) if image_folder is not None else path.parent)
     for p in pending:
-        p.image = folder / p.image  # an absolute image path stays as it is
-        p.image_folder = str(folder)
+        p.image = os.path.join(folder, p.image)  # an absolute image path stays as it is
+        p.image_folder = folder
     return apply_sampling(pending, sampling, seed)
 
 
