@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_DIR = ROOT / "sweeps" / "cluster"
@@ -159,7 +160,7 @@ def _local_paths(node) -> list[str]:
 def test_study_sweep_validates_offline(name, tmp_path, monkeypatch, capsys):
     """No weights, no network: the hub model's shipped configuration, parameters on the meta device.
     The user's converted LLaVA files live under ~/lmm_data: HOME points at a folder holding
-    placeholders for them (validation checks that they exist, the loaders read them later)."""
+    one-record placeholders for them (validation opens them and their images)."""
     from lmm_ray import cli
 
     model, family, n_params = STUDY_SWEEPS[name]
@@ -172,13 +173,19 @@ def test_study_sweep_validates_offline(name, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     local = _local_paths(raw)
     assert local and all(p == "~/lmm_data" or p.startswith("~/lmm_data/") for p in local), local
+    # validate opens the files: one valid record each, of the source's answer type, and its image.
+    answer = {"choice": "A", "number": "3", "time": "3:45"}
+    types = {s["data"]["llava_json"]: s["data"].get("answer_type") for s in raw["stages"] if "llava_json" in s["data"]}
     for p in local:
         full = Path(os.path.expanduser(p))
         if full.suffix:
             full.parent.mkdir(parents=True, exist_ok=True)
-            full.write_text("[]")
+            full.write_text(json.dumps([{"id": "p", "image": "placeholder.png", "conversations": [
+                {"from": "human", "value": "<image>\nWhich?\nA. one\nB. two"},
+                {"from": "gpt", "value": answer.get(types.get(p), "A")}]}]))
         else:
             full.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 8)).save(full / "placeholder.png")
 
     # --address: the sweep is for a cluster; validate then leaves resources to the cluster check
     # (it never connects: --offline). Without it, 8 GPU workers would not fit this machine.
