@@ -28,11 +28,15 @@ Why a torch DataLoader and not Ray Data (`ray.train.get_dataset_shard`):
   dynamically, so which rank sees which sample, and in what order, is not a function of the seed.
 - `lmm-ray train`, the base evaluation, the benchmarks and the tests run without Ray; one code
   path for all of them is the reason `run_trial` knows nothing of Ray.
-- Measured on this 2-core machine (benchmarks/stream_memory.py --ray-data, 1024x768 JPEGs, tiny
-  Qwen processor, micro-batch 4): DataLoader 0 workers 96 samples/s, 2 workers 130 samples/s; Ray
-  Data `map_batches` + `iter_torch_batches` 69 samples/s after a 5 s `ray.init`, and Ray's object
-  store and scheduler took the cores the training step needs. Ray Data pays off for
-  preprocessing shared across many consumers, which one stage of one trial is not.
+- Measured (benchmarks/stream_memory.py --ray-data; docs/benchmarks.md, "Streaming input"): the
+  same micro-batches (1024x768 JPEGs, tiny Qwen processor, micro-batch 8) went through Ray Data
+  (`map` + `iter_rows`, order preserved) at 7.6-19 samples/s after a 5-17 s `ray.init`, against
+  18-72 samples/s for the DataLoader in-process and 15-116 with 2 workers (two runs on 2 cores
+  shared with other jobs, load 4-9). Ray Data pays off for preprocessing shared by many
+  consumers, which one stage of one trial is not.
+- `num_workers` defaults to 0: the generated skills' 64 px images are cheap to process in the
+  training process, and workers cost a fork per stage. Real images want 2-4 workers per rank (`data.num_workers`; the study sweeps use
+  4), so that decoding overlaps the GPU step ("pipeline + train" in the benchmark).
 """
 
 from __future__ import annotations
