@@ -266,3 +266,33 @@ def test_trial_plans_match_the_samples_train_draws():
         assert [(s.question, s.answer) for s in plans[k]] == [(s.question, s.answer) for s in samples[k]]
     pool = stream.stage_plan(spec, 1)
     assert [s.answer for s in pool] == [s.answer for s in train.stage_pool(spec, 1)]
+
+
+def test_a_trial_on_plans_streams_and_reports_what_the_eager_trial_reports(small_spec, tmp_path, monkeypatch):
+    """The smallest wiring of stream into train.py (the integration recipe's step 1): plans where
+    samples were. train_stage and build_eval_sets then get LazyEncodings, and every metric of the
+    trial is the eager trial's, to the bit."""
+    import dataclasses
+
+    from lmm_ray import train
+    from lmm_ray.config import StageConfig
+
+    path, imgs = _llava_files(tmp_path, n_records=12)
+    src = {"llava_json": str(path), "image_folder": str(imgs)}
+    spec = small_spec(stages=1, steps=3, heldout=("color",))
+    spec = dataclasses.replace(spec, stages=(*spec.stages, StageConfig("mine", data=src, eval_data=src, steps=3)))
+
+    def metrics(reports):
+        return [{k: v for k, v in m.items() if k != "stage_train_seconds"} for m in reports]
+
+    eager = []
+    train.run_trial(spec, lambda m, d: eager.append(m))
+    encoded = []
+    real = data.encode_train
+    monkeypatch.setattr(train, "stage_pool", stream.stage_plan)
+    monkeypatch.setattr(train, "eval_samples", stream.eval_plans)
+    monkeypatch.setattr(data, "encode_train", lambda p, s: encoded.append(type(s).__name__) or real(p, s))
+    streamed = []
+    train.run_trial(spec, lambda m, d: streamed.append(m))
+    assert encoded == ["SamplePlan", "SamplePlan"]  # both pools went through LazyEncodings
+    assert metrics(streamed) == metrics(eager)
