@@ -12,8 +12,10 @@ and lmms-eval numbers are only comparable at lmms-eval's caps. What a cap means:
 | internvl | tiles of the tower's size (448^2) per image: max_patches = max_pixels // 448^2 (a thumbnail is added when > 1) | min_patches = ceil(min_pixels / 448^2) | none: the checkpoint's (max 12 tiles) |
 | llava | not applicable: LLaVA-1.5 resizes every image to the tower's size | not applicable | - |
 
-Tiny and base models (`tiny:`, `base:`) keep their own tiny processors (64 px images) unless a
-cap is given explicitly: the defaults are for real checkpoints only.
+Tiny and base models keep their own tiny processors (64 px images) unless a cap is given
+explicitly: the Qwen default only ever lowers a processor that allows more than lmms-eval's
+max_pixels, so a `tiny:`/`base:` model, or one saved to a folder by `lmm-ray train`, is left as
+it is.
 """
 
 from __future__ import annotations
@@ -35,10 +37,14 @@ def is_real(model_ref: str) -> bool:
     return not str(model_ref).startswith(("tiny:", "base:"))
 
 
-def caps(family: str, model_ref: str, max_pixels: int | None = None, min_pixels: int | None = None) -> dict:
-    """The caps that apply: the given ones, else the family's default for real checkpoints.
+def caps(family: str, model_ref: str, max_pixels: int | None = None, min_pixels: int | None = None,
+         processor_max: int | None = None) -> dict:
+    """The caps that apply: the given ones, else the family's default for real checkpoints whose
+    processor (`processor_max`: its max_pixels, when known) allows more than the default.
     {} means "the processor as it is"."""
     out = {k: v for k, v in (("max_pixels", max_pixels), ("min_pixels", min_pixels)) if v is not None}
+    if processor_max is not None and processor_max <= QWEN_MAX_PIXELS and not out:
+        return out  # already capped at least as tightly (a saved tiny/base model, or the user's own cap)
     if family == "qwen2_5_vl" and is_real(model_ref):
         out.setdefault("max_pixels", max(QWEN_MAX_PIXELS, out.get("min_pixels", 0)))
         out.setdefault("min_pixels", min(QWEN_MIN_PIXELS, out["max_pixels"]))
@@ -82,11 +88,13 @@ def apply(loaded, max_pixels: int | None = None, min_pixels: int | None = None) 
     """Set the caps on a loaded model's processor (and LLaVA-OneVision's config); returns the caps
     applied ({} if none). Call it once after `models.load_model`, before any encoding."""
     fam = loaded.family.name
-    cs = caps(fam, loaded.ref, max_pixels, min_pixels)
+    ip = loaded.processor.image_processor
+    size = getattr(ip, "size", None) or {}
+    proc_max = size.get("longest_edge") if fam == "qwen2_5_vl" and hasattr(size, "get") else None
+    cs = caps(fam, loaded.ref, max_pixels, min_pixels, processor_max=proc_max)
     if not cs:
         return {}
     check(fam, loaded.model.config, cs.get("max_pixels"), cs.get("min_pixels"))
-    ip = loaded.processor.image_processor
     if fam == "qwen2_5_vl":
         size = dict(shortest_edge=cs.get("min_pixels", ip.size["shortest_edge"]),
                     longest_edge=cs.get("max_pixels", ip.size["longest_edge"]))

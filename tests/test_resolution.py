@@ -50,6 +50,17 @@ def test_capped_real_qwen_processor_bounds_visual_tokens():
     assert 1500 < after <= 2048 and 256 <= small < 300, (after, small)
 
 
+def test_a_tiny_model_saved_to_a_folder_keeps_its_processor(tiny_copy):
+    """A folder ref looks like a real checkpoint, but its processor allows 64x64 pixels only: the
+    default (which only lowers a processor allowing more) leaves it alone; an explicit cap applies."""
+    q = tiny_copy("qwen2_5_vl")
+    q.ref = "/runs/final/my_trained_tiny"
+    assert resolution.apply(q) == {}
+    size = q.processor.image_processor.size
+    assert (size["shortest_edge"], size["longest_edge"]) == (64 * 64, 64 * 64)
+    assert resolution.apply(q, max_pixels=128 * 128) == {"max_pixels": 128 * 128, "min_pixels": 128 * 128}
+
+
 def test_caps_reach_the_tiny_processors_and_the_models_still_run(tiny_copy):
     wide = Sample(Image.new("RGB", (400, 200), (90, 30, 200)), "what?", "five")
     # Qwen: 4x the pixels of the tiny default -> ~4x the tokens
