@@ -19,6 +19,10 @@ from lmm_ray.skills.schema import Sample
 SMOKE = Path(__file__).resolve().parents[1] / "sweeps" / "smoke.yaml"
 
 
+# Caps mutate the processor: each test builds its own tiny model (the session's `tiny` fixture
+# shares one processor between tests).
+
+
 def _tokens(grid_thw) -> int:
     return int(grid_thw.prod()) // 4  # 2x2 merge
 
@@ -50,10 +54,10 @@ def test_capped_real_qwen_processor_bounds_visual_tokens():
     assert 1500 < after <= 2048 and 256 <= small < 300, (after, small)
 
 
-def test_a_tiny_model_saved_to_a_folder_keeps_its_processor(tiny_copy):
+def test_a_tiny_model_saved_to_a_folder_keeps_its_processor():
     """A folder ref looks like a real checkpoint, but its processor allows 64x64 pixels only: the
     default (which only lowers a processor allowing more) leaves it alone; an explicit cap applies."""
-    q = tiny_copy("qwen2_5_vl")
+    q = models.build_tiny("qwen2_5_vl")
     q.ref = "/runs/final/my_trained_tiny"
     assert resolution.apply(q) == {}
     size = q.processor.image_processor.size
@@ -61,25 +65,25 @@ def test_a_tiny_model_saved_to_a_folder_keeps_its_processor(tiny_copy):
     assert resolution.apply(q, max_pixels=128 * 128) == {"max_pixels": 128 * 128, "min_pixels": 128 * 128}
 
 
-def test_caps_reach_the_tiny_processors_and_the_models_still_run(tiny_copy):
+def test_caps_reach_the_tiny_processors_and_the_models_still_run():
     wide = Sample(Image.new("RGB", (400, 200), (90, 30, 200)), "what?", "five")
     # Qwen: 4x the pixels of the tiny default -> ~4x the tokens
-    q = tiny_copy("qwen2_5_vl")
+    q = models.build_tiny("qwen2_5_vl")
     n0 = data.encode_prompt_one(q.processor, wide)["input_ids"].shape[1]
     resolution.apply(q, max_pixels=4 * 64 * 64, min_pixels=4 * 64 * 64)
     enc = data.encode_train_one(q.processor, wide)
     assert enc["input_ids"].shape[1] > n0 + 30
     assert torch.isfinite(q.model(**enc).loss)
     # InternVL: max_pixels = 3 tiles -> up to 3 tiles + a thumbnail
-    iv = tiny_copy("internvl")
+    iv = models.build_tiny("internvl")
     resolution.apply(iv, max_pixels=3 * 64 * 64)
     enc = data.encode_train_one(iv.processor, wide)
     assert iv.processor.image_processor.max_patches == 3 and enc["pixel_values"].shape[0] == 3
     assert torch.isfinite(iv.model(**enc).loss)
 
 
-def test_llava_onevision_cap_shrinks_the_grids_of_processor_and_model(tiny_copy):
-    ov = tiny_copy("llava_onevision")
+def test_llava_onevision_cap_shrinks_the_grids_of_processor_and_model():
+    ov = models.build_tiny("llava_onevision")
     grids = [[64, 64], [64, 128], [128, 128], [128, 256]]
     ov.processor.image_processor.image_grid_pinpoints = grids
     ov.model.config.image_grid_pinpoints = grids
