@@ -50,6 +50,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from lmm_ray import data
 from lmm_ray.skills.loaders import SamplePlan, plan_samples
+from lmm_ray.skills.schema import Sample
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,7 +138,10 @@ class StageBatchSampler(Sampler):
 
 
 def _dataset(pool, processor, kind: str):
-    """A plan becomes LazyEncodings; LazyEncodings and lists of encodings are indexed as they are."""
+    """A plan (or a list of Samples) becomes LazyEncodings; LazyEncodings and lists of encodings
+    are indexed as they are."""
+    if isinstance(pool, (list, tuple)) and pool and isinstance(pool[0], Sample):
+        pool = SamplePlan(pool)
     if isinstance(pool, SamplePlan):
         if processor is None:
             raise ValueError("a SamplePlan needs the processor to encode it")
@@ -159,7 +163,7 @@ def stage_loader(pool, processor=None, *, pad_id: int, steps: int, batch_size: i
                  start_step: int = 0, pin_memory: bool = False, prefetch: int = 2) -> DataLoader:
     """This rank's collated training micro-batches of one stage, in `optim.train_stage`'s order:
     `steps - start_step` steps of `micro_batches(...)[2]` micro-batches each. `pool`: a
-    SamplePlan (with `processor`), LazyEncodings, or a list of encodings. `num_workers` processes
+    SamplePlan or a list of Samples (with `processor`), LazyEncodings, or a list of encodings. `num_workers` processes
     decode, process and collate ahead (`prefetch` batches each); 0 does it in this process."""
     ds = _dataset(pool, processor, "train")
     sampler = StageBatchSampler(len(ds), steps=steps, batch_size=batch_size, seed=seed, stage=stage,

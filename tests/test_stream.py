@@ -269,9 +269,9 @@ def test_trial_plans_match_the_samples_train_draws():
 
 
 def test_a_trial_on_plans_streams_and_reports_what_the_eager_trial_reports(small_spec, tmp_path, monkeypatch):
-    """The smallest wiring of stream into train.py (the integration recipe's step 1): plans where
-    samples were. train_stage and build_eval_sets then get LazyEncodings, and every metric of the
-    trial is the eager trial's, to the bit."""
+    """A trial whose pools and eval sets are plans (streamed: LazyEncodings, or stage_loader once
+    train.py is wired to it) reports every metric of the same trial on eagerly loaded Samples, to
+    the bit. Holds before and after the integration into train.py."""
     import dataclasses
 
     from lmm_ray import train
@@ -279,20 +279,20 @@ def test_a_trial_on_plans_streams_and_reports_what_the_eager_trial_reports(small
 
     path, imgs = _llava_files(tmp_path, n_records=12)
     src = {"llava_json": str(path), "image_folder": str(imgs)}
-    spec = small_spec(stages=1, steps=3, heldout=("color",))
+    spec = small_spec(stages=1, steps=3, heldout=("color",), train={"grad_accum": 2})
     spec = dataclasses.replace(spec, stages=(*spec.stages, StageConfig("mine", data=src, eval_data=src, steps=3)))
 
-    def metrics(reports):
-        return [{k: v for k, v in m.items() if k != "stage_train_seconds"} for m in reports]
+    def run(pool, evals):
+        monkeypatch.setattr(train, "stage_pool", pool)
+        monkeypatch.setattr(train, "eval_samples", evals)
+        out = []
+        train.run_trial(spec, lambda m, d: out.append({k: v for k, v in m.items() if k != "stage_train_seconds"}))
+        return out
 
-    eager = []
-    train.run_trial(spec, lambda m, d: eager.append(m))
-    encoded = []
-    real = data.encode_train
-    monkeypatch.setattr(train, "stage_pool", stream.stage_plan)
-    monkeypatch.setattr(train, "eval_samples", stream.eval_plans)
-    monkeypatch.setattr(data, "encode_train", lambda p, s: encoded.append(type(s).__name__) or real(p, s))
-    streamed = []
-    train.run_trial(spec, lambda m, d: streamed.append(m))
-    assert encoded == ["SamplePlan", "SamplePlan"]  # both pools went through LazyEncodings
-    assert metrics(streamed) == metrics(eager)
+    def eager_evals(sp):
+        plans, kinds = stream.eval_plans(sp)
+        return {k: p.samples() for k, p in plans.items()}, kinds
+
+    eager = run(lambda sp, s: stream.stage_plan(sp, s).samples(), eager_evals)
+    streamed = run(stream.stage_plan, stream.eval_plans)
+    assert len(streamed) == 2 and streamed == eager
