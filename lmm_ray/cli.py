@@ -135,7 +135,7 @@ def cmd_validate(a) -> int:
     from lmm_ray import validate
 
     cfg = _load_cfg(a)
-    print(validate.check(cfg, address=getattr(a, "address", None), offline=a.offline))
+    print(validate.check(cfg, address=getattr(a, "address", None), offline=a.offline, check_data=a.check_data))
     print("\nvalid" + (" (offline: model configuration only, no network)" if a.offline else ""))
     return 0
 
@@ -289,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check a sweep file (and its model, recipes, data, resources) and print the plan")
     sweep_args(v)
     v.add_argument("--offline", action="store_true", help="model configuration only: no weights, no network")
+    v.add_argument("--check-data", action="store_true",
+                   help="also read each hub dataset's schema (features only, no images; needs the network)")
     v.set_defaults(fn=cmd_validate)
 
     sw = sub.add_parser("sweep", help="run a sweep: Optuna on Ray Tune, trials on Ray Train, MLflow tracking")

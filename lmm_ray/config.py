@@ -25,7 +25,7 @@ import yaml
 
 from lmm_ray.errors import ConfigError
 from lmm_ray.registry import did_you_mean
-from lmm_ray.schema import (NAME_RE, EVAL_RULES, OBJECTIVE_RULES, RESOURCES_RULES, SCHEDULER_RULES, SEARCH_RULES,
+from lmm_ray.schema import (NAME_RE, DATA_RULES, DataConfig, EVAL_RULES, OBJECTIVE_RULES, RESOURCES_RULES, SCHEDULER_RULES, SEARCH_RULES,
                             TRACKING_RULES, TRAIN_RULES, EvalConfig, ObjectiveConfig, ResourcesConfig, SchedulerConfig,
                             SearchConfig, TrackingConfig, TrainConfig, _OBJ_NAMES, R, check_mapping, check_value, ge, gt,
                             is_uri, join, read_section, read_yaml, resolve_path, section_dict, tname)
@@ -239,7 +239,7 @@ def _heldout(raw, heldouts: list[str], base_dir) -> tuple[HeldoutConfig, ...]:
 # The sweep
 
 
-TOP_KEYS = ("name", "model", "recipes_file", "stages", "heldout", "train", "eval", "search_space", "search",
+TOP_KEYS = ("name", "model", "recipes_file", "stages", "heldout", "train", "eval", "data", "search_space", "search",
             "scheduler", "objective", "resources", "tracking", "storage")
 
 
@@ -252,6 +252,7 @@ class SweepConfig:
     search_space: SearchSpace
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    data: DataConfig = DataConfig()
     search: SearchConfig = SearchConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     objective: ObjectiveConfig = ObjectiveConfig()
@@ -291,6 +292,7 @@ class SweepConfig:
             "heldout": [h.to_dict() for h in self.heldout],
             "train": section_dict(self.train),
             "eval": section_dict(self.eval),
+            "data": section_dict(self.data),
             "search_space": self.search_space.to_dict(),
             "search": section_dict(self.search),
             "scheduler": section_dict(self.scheduler),
@@ -430,6 +432,7 @@ def _parse(raw, base_dir: Path | None) -> SweepConfig:
     sections = dict(
         train=read_section(raw, "train", TrainConfig, TRAIN_RULES),
         eval=read_section(raw, "eval", EvalConfig, EVAL_RULES),
+        data=read_section(raw, "data", DataConfig, DATA_RULES),
         search=read_section(raw, "search", SearchConfig, SEARCH_RULES),
         scheduler=read_section(raw, "scheduler", SchedulerConfig, SCHEDULER_RULES),
         objective=read_section(raw, "objective", ObjectiveConfig, OBJECTIVE_RULES, _OBJ_NAMES),
@@ -455,6 +458,10 @@ def _parse(raw, base_dir: Path | None) -> SweepConfig:
                               f"set search.num_trials: {size}, or leave it out for grid search")
         sections["search"] = replace(search, num_trials=size)
     _check_batch_split(sections["train"], space, sections["resources"])
+    dc = sections["data"]
+    if dc.min_pixels is not None and dc.max_pixels is not None and dc.min_pixels > dc.max_pixels:
+        raise ConfigError("data.min_pixels", f"{dc.min_pixels} is above data.max_pixels {dc.max_pixels}",
+                          "make min_pixels <= max_pixels (lmms-eval's Qwen2.5-VL values: 200704 and 1605632)")
     storage = _storage(raw.get("storage", "runs"))
     tracking = _tracking(raw, name, storage)
     return SweepConfig(name, model, stages, heldout, space, storage=storage, tracking=tracking,
@@ -465,7 +472,7 @@ def _parse(raw, base_dir: Path | None) -> SweepConfig:
 # Files and overrides
 
 
-_SECTION_RULES = {"train": TRAIN_RULES, "eval": EVAL_RULES, "search": SEARCH_RULES, "scheduler": SCHEDULER_RULES,
+_SECTION_RULES = {"train": TRAIN_RULES, "eval": EVAL_RULES, "data": DATA_RULES, "search": SEARCH_RULES, "scheduler": SCHEDULER_RULES,
                   "objective": OBJECTIVE_RULES, "resources": RESOURCES_RULES, "tracking": TRACKING_RULES}
 _OVERRIDE_KEYS = {
     (): TOP_KEYS,

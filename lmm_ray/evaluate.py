@@ -19,8 +19,9 @@ from typing import Mapping, Sequence
 
 import torch
 
-from lmm_ray import data, metrics, probe
+from lmm_ray import data, metrics, probe, stream
 from lmm_ray.answers import LETTERS, is_correct, normalize  # noqa: F401 - the typed rules, re-exported
+from lmm_ray.skills.loaders import SamplePlan
 from lmm_ray.skills.schema import Sample
 from lmm_ray.tasks import EvalTask, render
 
@@ -105,7 +106,10 @@ def build_eval_sets(processor, samples_by_skill: Mapping[str, Sequence[Sample]],
         task = (tasks or {}).get(name) or EvalTask()
         for m in {task.metric_for(s) for s in samples}:
             metrics.METRICS.get(m)  # an unknown metric fails here, before any generation
+        # Plans stay plans: their items (text only, images unopened) take the rendered prompt.
         prompted = [replace(s, question=render(task, s)) for s in samples]
+        if isinstance(samples, SamplePlan):
+            prompted = SamplePlan(prompted, samples.source)
         out[name] = EvalSet(
             skill=name,
             kind=kind,
@@ -118,7 +122,7 @@ def build_eval_sets(processor, samples_by_skill: Mapping[str, Sequence[Sample]],
             is_number=is_num,
             chance=chance[name] if chance and name in chance else _chance(samples),
             task=task,
-            all_answers=[tuple(s.answers) for s in samples],
+            all_answers=[tuple(s.answers) or (s.answer,) for s in samples],  # (plan items may leave answers empty)
             metric_names=[task.metric_for(s) for s in samples],
             categories=[s.category for s in samples],
             prompts=[s.question for s in prompted],
@@ -242,8 +246,9 @@ CAPTION_PROMPT = "Describe the image in one sentence."
 
 def caption_encodings(processor, samples_by_skill: Mapping[str, Sequence[Sample]], n: int) -> list[dict]:
     """Caption-style prompts on the first `n` images of each given (held-out) skill."""
-    return data.encode_prompts(processor, [replace(s, question=CAPTION_PROMPT)
-                                           for samples in samples_by_skill.values() for s in samples[:n]])
+    items = [replace(s, question=CAPTION_PROMPT) for samples in samples_by_skill.values() for s in list(samples)[:n]]
+    lazy = any(isinstance(s, SamplePlan) for s in samples_by_skill.values())  # plans: encode per batch
+    return data.encode_prompts(processor, SamplePlan(items, "captions") if lazy else items)
 
 
 def caption_probe(model, processor, encodings: Sequence[dict], *, batch_size: int, max_new_tokens: int) -> float:
@@ -309,7 +314,7 @@ def prediction_records(report: EvalReport, eval_sets: Mapping[str, EvalSet]) -> 
 
 def evaluate(model, processor, eval_sets: Mapping[str, EvalSet], *, batch_size: int = 64,
              max_new_tokens: int = 8, probe_base: probe.ProbeBase | None = None,
-             score_choices: bool = False) -> EvalReport:
+             score_choices: bool = False, num_workers: int = 0) -> EvalReport:
     """Accuracy (pp) per skill by batched greedy decoding, plus the probe on held-out skills.
 
     `score_choices=True` scores `choice` samples by likelihood instead of by their generated
@@ -341,8 +346,7 @@ def evaluate(model, processor, eval_sets: Mapping[str, EvalSet], *, batch_size: 
                 keep = es.kind == "heldout" or has_choice
                 preds: list[str] = []
                 firsts: list[torch.Tensor] = []
-                for i in range(0, len(es), batch_size):
-                    batch = data.collate(es.encodings[i:i + batch_size], pad_id, side="left")
+                for batch in stream.eval_batches(es.encodings, batch_size, pad_id, side="left", num_workers=num_workers):
                     prompt_len = batch["input_ids"].shape[1]
                     out = model.generate(**_to(batch, param.device, param.dtype), do_sample=False,
                                          max_new_tokens=es.max_new_tokens(max_new_tokens), output_logits=True,

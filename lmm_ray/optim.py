@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -87,9 +87,12 @@ def train_stage(
     teacher=None,
     lwf: dict | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    batches: Iterable[dict] | None = None,
 ) -> StageStats:
     """Train `steps` optimizer steps on `encs` (encoded samples). `batch_size` is the global batch:
-    each of `world_size` ranks takes its own slice of every batch, so 1 or N workers see the same data."""
+    each of `world_size` ranks takes its own slice of every batch, so 1 or N workers see the same data.
+    `batches`: this rank's collated micro-batches in this function's own order (stream.stage_loader
+    with the same steps/batch_size/grad_accum/seed/stage/rank/world_size); `encs` is then only sized."""
     import time
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -105,11 +108,15 @@ def train_stage(
     losses: list[float] = []
     t0 = time.perf_counter()
     model.train()
+    it = iter(batches) if batches is not None else None
     for step in range(steps):
-        idx = torch.randint(len(encs), (per_rank * world_size,), generator=gen)[rank * per_rank : (rank + 1) * per_rank]
+        if it is None:
+            idx = torch.randint(len(encs), (per_rank * world_size,), generator=gen)[rank * per_rank : (rank + 1) * per_rank]
         total = 0.0
         for m in range(0, per_rank, micro):
-            batch = to_device(collate([encs[i] for i in idx[m : m + micro].tolist()], pad_id), device)
+            cpu = next(it) if it is not None else collate([encs[i] for i in idx[m : m + micro].tolist()], pad_id)
+            n_m = cpu["input_ids"].shape[0]
+            batch = to_device(cpu, device)
             with _amp(device, precision):
                 # The teacher runs first: it may swap weights in place (train.StageStartTeacher),
                 # which must not happen between the student's forward and its backward.
@@ -123,8 +130,8 @@ def train_stage(
                     loss = loss + lwf.get("weight", 1.0) * lwf_loss(out.logits, t_logits, batch["labels"], lwf.get("temperature", 2.0))
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"loss became {loss.item()} at stage {stage}, step {step + 1} (lr={lr:g})")
-            (loss * len(idx[m : m + micro]) / per_rank).backward()
-            total += loss.item() * len(idx[m : m + micro]) / per_rank
+            (loss * n_m / per_rank).backward()
+            total += loss.item() * n_m / per_rank
         if max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         opt.step()

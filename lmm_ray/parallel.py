@@ -313,11 +313,14 @@ def subset_eval_set(es, idx: Sequence[int]):
     t = torch.tensor(list(idx), dtype=torch.long)
     per_sample = {f.name: [getattr(es, f.name)[i] for i in idx] for f in dataclasses.fields(es)
                   if isinstance(getattr(es, f.name), list) and len(getattr(es, f.name)) == len(es)}
-    return dataclasses.replace(es, **per_sample, gold_first_token=es.gold_first_token[t], is_number=es.is_number[t])
+    # lazy encodings (data.LazyEncodings) stay lazy: each rank processes only its share, per batch
+    enc = es.encodings.select(idx) if hasattr(es.encodings, "select") else [es.encodings[i] for i in idx]
+    return dataclasses.replace(es, **per_sample, encodings=enc, gold_first_token=es.gold_first_token[t],
+                               is_number=es.is_number[t])
 
 
 def evaluate_sharded(model, processor, eval_sets, *, batch_size: int = 64, max_new_tokens: int = 8,
-                     probe_base=None, score_choices: bool = False):
+                     probe_base=None, score_choices: bool = False, num_workers: int = 0):
     """`evaluate.evaluate` with the prompts split over the ranks; every rank must call it and every
     rank gets the complete `EvalReport` (same numbers as one process evaluating everything).
 
@@ -334,11 +337,11 @@ def evaluate_sharded(model, processor, eval_sets, *, batch_size: int = 64, max_n
     rank, world = _rank_world()
     if world == 1:
         return E.evaluate(model, processor, eval_sets, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                          probe_base=probe_base, score_choices=score_choices)
+                          probe_base=probe_base, score_choices=score_choices, num_workers=num_workers)
     local = {name: subset_eval_set(es, shard_indices(len(es), rank, world)) for name, es in eval_sets.items()}
     # probe_base=None here: the probe compares whole prompt lists, so it is computed after the gather.
     part = E.evaluate(model, processor, local, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                      score_choices=score_choices)
+                      score_choices=score_choices, num_workers=num_workers)
     reshard(model)
     mine = {name: (r.predictions, r.scores, r.first_logits) for name, r in part.results.items()}
     everyone = gather_objects(mine)

@@ -3,7 +3,7 @@
 Every field of a sweep or search-space file is checked by one `Rule` (type, range, choices); a
 bad value raises `ConfigError` whose `field` is the dotted path of the value (`train.batch_size`)
 and whose message says what is wrong and how to fix it. The flat sections of a sweep file
-(`train`, `eval`, `search`, `scheduler`, `objective`, `resources`, `tracking`) are declared here
+(`train`, `eval`, `data`, `search`, `scheduler`, `objective`, `resources`, `tracking`) are declared here
 as frozen dataclasses next to their rules; `config.py` assembles them into a `SweepConfig` and
 `space.py` reuses the same rules for searched parameters. See docs/sweep_config.md for every field.
 """
@@ -177,6 +177,15 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class DataConfig:
+    """How samples are read and processed, for training and evaluation alike (one processor)."""
+
+    max_pixels: int | None = None  # null: the family's default (resolution.py), lmms-eval's for real Qwen
+    min_pixels: int | None = None
+    num_workers: int = 0  # DataLoader worker processes per rank; 0: in the training process
+
+
+@dataclass(frozen=True)
 class SearchConfig:
     algorithm: str = "tpe"
     num_trials: int = 8
@@ -239,6 +248,11 @@ EVAL_RULES = {
     "caption_probe_n": R(int, ge(0)),
     "caption_tokens": R(int, ge(1)),
     "lmms_include_path": R(str, nullable=True),
+}
+DATA_RULES = {
+    "max_pixels": R(int, ge(1), nullable=True),
+    "min_pixels": R(int, ge(1), nullable=True),
+    "num_workers": R(int, ge(0)),
 }
 ALGORITHMS = ("tpe", "nsga2", "random", "grid")
 SEARCH_RULES = {

@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from lmm_ray import checkpoint, data, objective, parallel
+from lmm_ray import checkpoint, objective, parallel, resolution, stream
 from lmm_ray.optim import NonFiniteLoss, amp, train_stage
 from lmm_ray.tasks import split_source
 from lmm_ray.trial import TrialSpec
@@ -34,12 +34,14 @@ from lmm_ray.trial import TrialSpec
 
 
 def _samples(name: str, skill: str | None, source: dict | None, n: int, seed: int, image_size: int):
-    from lmm_ray import skills
-    from lmm_ray.skills.loaders import load_samples
-
+    """A generated skill's samples (small images in memory: their evaluation prompts are encoded
+    once and reused by every stage), or a data source's SamplePlan (references: nothing is decoded
+    until a batch needs it; stream.py)."""
     if skill is not None:
+        from lmm_ray import skills
+
         return skills.generate(skill, n, seed=seed, image_size=image_size)
-    return load_samples(split_source(source)[0], seed=seed)
+    return stream.source_plan(None, split_source(source)[0], n, seed, image_size)
 
 
 def eval_samples(spec: TrialSpec) -> tuple[dict, dict, dict]:
@@ -84,7 +86,8 @@ def evaluate_stage(spec: TrialSpec, model, processor, sets: dict, captions: list
     device = next(model.parameters()).device
     with amp(device, dtypes(spec, device)[1]):
         report = parallel.evaluate_sharded(model, processor, sets, batch_size=spec.eval.batch_size,
-                                           max_new_tokens=spec.eval.max_new_tokens, probe_base=probe_base)
+                                           max_new_tokens=spec.eval.max_new_tokens, probe_base=probe_base,
+                                           num_workers=spec.data.num_workers)
         lmms = {h.name: h.lmms_eval for h in spec.heldout if h.lmms_eval}
         if lmms:  # every rank takes part: lmms-eval shards the documents by rank
             from lmm_ray import lmms_backend
@@ -129,6 +132,7 @@ def load(spec: TrialSpec, device: torch.device | None = None):
     device = device or torch.device("cpu")
     weight, _ = dtypes(spec, device)
     loaded = models.load_model(spec.model, dtype=weight, attn_implementation=spec.train.attn_implementation)
+    resolution.apply(loaded, spec.data.max_pixels, spec.data.min_pixels)
     loaded.model.to(device)
     return loaded
 
@@ -281,8 +285,12 @@ def run_trial(
         return history
 
     for s in range(start, len(spec.stages)):
-        pool = data.encode_train(loaded.processor, stage_pool(spec, s))
+        pool = stage_pool(spec, s)  # references (a plan) or generated samples; batches come from the loader
         steps = spec.stage_steps(s, len(pool))
+        batches = stream.stage_loader(
+            pool, loaded.processor, pad_id=pad_id, steps=steps, batch_size=tr.batch_size, seed=tr.seed, stage=s + 1,
+            grad_accum=tr.grad_accum, rank=rank, world_size=world_size, num_workers=spec.data.num_workers,
+            pin_memory=torch.cuda.is_available())
         teacher = StageStartTeacher(model) if rspec.lwf else None
         prev = parallel.snapshot_trainable(model) if rspec.wise_ft else None
         try:
@@ -290,7 +298,7 @@ def run_trial(
                 train_model, pool, steps=steps, lr=spec.lr, batch_size=tr.batch_size, grad_accum=tr.grad_accum,
                 weight_decay=tr.weight_decay, warmup_ratio=tr.warmup_ratio, max_grad_norm=tr.max_grad_norm,
                 precision=tr.precision, pad_id=pad_id, seed=tr.seed, stage=s + 1, rank=rank,
-                world_size=world_size, teacher=teacher, lwf=rspec.lwf,
+                world_size=world_size, teacher=teacher, lwf=rspec.lwf, batches=batches,
             )
         except NonFiniteLoss as e:
             # Stop this trial with its reason; the sweep goes on.

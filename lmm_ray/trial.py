@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from lmm_ray.config import HeldoutConfig, StageConfig, SweepConfig
-from lmm_ray.schema import EvalConfig, TrainConfig
+from lmm_ray.schema import DataConfig, EvalConfig, TrainConfig
 from lmm_ray.space import trial_recipe, trial_train
 
 PREDICTIONS = "predictions"  # the sweep folder's subfolder of per-trial prediction files
@@ -34,6 +34,7 @@ class TrialSpec:
     heldout: tuple[HeldoutConfig, ...]
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    data: DataConfig = DataConfig()
     lam: float = 1.0  # objective weights (objective.py)
     mu: float = 100.0
     trial_id: str = "local"
@@ -59,8 +60,8 @@ class TrialSpec:
         """Plain data for Ray (train_loop_config) and for checkpoints."""
         return {"model": self.model, "recipe_name": self.recipe.name, "recipe": self.recipe.to_dict(), "lr": self.lr,
                 "stages": [asdict(s) for s in self.stages], "heldout": [asdict(h) for h in self.heldout],
-                "train": asdict(self.train), "eval": asdict(self.eval), "lam": self.lam, "mu": self.mu,
-                "trial_id": self.trial_id, "strategy": self.strategy, "predictions_dir": self.predictions_dir}
+                "train": asdict(self.train), "eval": asdict(self.eval), "data": asdict(self.data), "lam": self.lam,
+                "mu": self.mu, "trial_id": self.trial_id, "strategy": self.strategy, "predictions_dir": self.predictions_dir}
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrialSpec":
@@ -69,8 +70,9 @@ class TrialSpec:
         return cls(model=d["model"], recipe=RecipeSpec.from_dict(d["recipe_name"], d["recipe"]), lr=float(d["lr"]),
                    stages=tuple(StageConfig(**s) for s in d["stages"]),
                    heldout=tuple(HeldoutConfig(**h) for h in d["heldout"]),
-                   train=TrainConfig(**d["train"]), eval=EvalConfig(**d["eval"]), lam=d["lam"], mu=d["mu"],
-                   trial_id=d["trial_id"], strategy=d.get("strategy", "ddp"), predictions_dir=d.get("predictions_dir"))
+                   train=TrainConfig(**d["train"]), eval=EvalConfig(**d["eval"]), data=DataConfig(**d.get("data", {})),
+                   lam=d["lam"], mu=d["mu"], trial_id=d["trial_id"], strategy=d.get("strategy", "ddp"),
+                   predictions_dir=d.get("predictions_dir"))
 
 
 def trial_spec(cfg: SweepConfig, sampled: dict, trial_id: str = "local") -> TrialSpec:
@@ -83,6 +85,7 @@ def trial_spec(cfg: SweepConfig, sampled: dict, trial_id: str = "local") -> Tria
         heldout=cfg.heldout,
         train=trial_train(cfg.train, sampled),
         eval=cfg.eval,
+        data=cfg.data,
         lam=cfg.objective.lam,
         mu=cfg.objective.mu,
         trial_id=trial_id,

@@ -1,6 +1,14 @@
 """Everything that can be checked before Ray starts and needs more than the sweep file itself:
 the model's configuration, data files, this machine, the tracking server.
 
+Data sources are opened here, before Ray starts (`check_data_sources`): local LLaVA JSON files
+are parsed and every record checked, every kept record's image must exist and up to
+`IMAGES_DECODED` of them (spread over the file) must decode; local Hugging Face copies are opened
+(memory-mapped) and their config, split, columns and rows checked. With `check_data=True`
+(`--check-data`) each hub dataset's published schema is read too (features only, no images).
+Sources that could not be checked (hub datasets without `--check-data`, offline, or without a
+published schema) are returned and listed in the plan.
+
 Checks that need only the file run when it is parsed (config.py, space.py); checks that need a
 connected Ray cluster run right after connecting (cluster.py). `check` loads only the model's *configuration* (parameters on the meta device, no weights),
 resolves every recipe the search space can produce on it, checks data files, resources and the
@@ -61,19 +69,149 @@ def check_recipes(cfg: SweepConfig, offline: bool = False) -> tuple[str, dict]:
     return family.name, seen
 
 
-def check_data(cfg: SweepConfig) -> None:
+def data_sources(cfg: SweepConfig) -> list[tuple[str, dict]]:
+    """(field path in the sweep file, source) of every real-data source."""
     sources = [(f"stages.{i}.data", s.data) for i, s in enumerate(cfg.stages)]
     sources += [(f"stages.{i}.eval_data", s.eval_data) for i, s in enumerate(cfg.stages)]
     sources += [(f"heldout.{i}.data", h.data) for i, h in enumerate(cfg.heldout)]
-    for where, src in sources:
-        if not src:
-            continue
+    return [(w, s) for w, s in sources if s]
+
+
+def check_data_paths(cfg: SweepConfig) -> None:
+    """The paths of local sources exist (their contents: check_data_sources)."""
+    for where, src in data_sources(cfg):
         for key in ("llava_json", "dataset_yaml", "image_folder"):
             if key in src and src[key] and not Path(src[key]).exists():
                 raise ConfigError(f"{where}.{key}", f"{src[key]} does not exist", "fix the path (relative paths resolve against the sweep file)")
         hf = src.get("hf")
         if hf and (hf.startswith(("/", ".", "~")) and not Path(os.path.expanduser(hf)).exists()):
             raise ConfigError(f"{where}.hf", f"local dataset {hf} does not exist", "fix the path, or give a hub id")
+
+
+check_data = check_data_paths  # the old name (check()'s parameter of that name is the --check-data flag)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data sources, opened
+
+IMAGES_DECODED = 32  # per source: enough to catch a wrong folder or format, cheap on a 40k-record file
+
+
+def _spread(n: int, k: int) -> list[int]:
+    """k indices spread evenly over 0..n-1 (first and last included)."""
+    if n <= k:
+        return list(range(n))
+    return sorted({round(j * (n - 1) / (k - 1)) for j in range(k)})
+
+
+def _check_images(where: str, src: dict, pending: list, key: str) -> None:
+    """Every kept record's image exists; IMAGES_DECODED of them decode."""
+    from lmm_ray.errors import DataError
+    from lmm_ray.skills.loaders import HFImage, _open_image
+
+    field = f"{where}.image_folder" if src.get("image_folder") else f"{where}.{key}"
+    fix = ("fix image_folder (relative image paths resolve against it) or the record's image path"
+           if key in ("llava_json", "dataset_yaml") else "fix the image column or the dataset copy")
+    seen: set = set()
+    for p in pending:
+        img = p.image
+        if isinstance(img, (str, Path)) and img not in seen:
+            seen.add(img)
+            if not Path(img).is_file():
+                raise ConfigError(field, f"{p.where}: image not found at {img}", fix)
+    for i in _spread(len(pending), IMAGES_DECODED):
+        try:
+            _open_image(pending[i])
+        except DataError as e:
+            raise ConfigError(field if not isinstance(pending[i].image, HFImage) else f"{where}.{key}", str(e), fix) from None
+
+
+def _hf_args(where: str, src: dict) -> tuple[dict, str, dict]:
+    """(plan_hf_dataset arguments, the key naming the dataset, {source key -> field path})."""
+    from lmm_ray.skills import benchmarks
+
+    if "benchmark" not in src:
+        keys = {k: f"{where}.{k}" for k in ("config", "split", "hf", "columns", "filter")}
+        return {k: v for k, v in src.items() if k != "hf"}, "hf", keys
+    r = benchmarks.resolve(src)
+    # A preset's config, columns and filter are not in the sweep file: a mismatch is the local
+    # copy's (`path`) or the preset's, so the field is the benchmark (or its path).
+    at = f"{where}.path" if src.get("path") else f"{where}.benchmark"
+    keys = {k: at for k in ("config", "hf", "columns", "filter")}
+    keys["split"] = f"{where}.split" if "split" in src else at
+    args = {k: r[k] for k in ("split", "config", "revision", "columns", "filter", "multi_image", "n", "seed",
+                              "answer_type", "skill") if r.get(k) is not None}
+    return {**args, "_id": r["hf"]}, "benchmark", keys
+
+
+def _check_hf(where: str, src: dict, skip_hub: str | None) -> str | None:
+    """Check an hf / benchmark source; return why it was not checked, or None. A hub dataset is
+    read only when `skip_hub` (the reason not to) is None."""
+    from lmm_ray.errors import DataError
+    from lmm_ray.skills import hub as H
+
+    args, key, fields = _hf_args(where, src)
+    ident = args.pop("_id", None) or src["hf"]
+    local = Path(str(ident)).expanduser().exists() or str(ident).startswith(("/", ".", "~"))
+    if not local and skip_hub is not None:
+        return f"{where}: hub dataset {ident} ({skip_hub})"
+    split, config = args.get("split", "train"), args.get("config")
+    fix = {"config": "set `config:` to one of the dataset's configs", "split": "set `split:` to one of its splits",
+           "hf": "fix the dataset id or path"}
+    try:
+        cols = H.dataset_columns(ident, split=split, config=config, revision=args.get("revision"))
+        if cols is None:
+            return f"{where}: hub dataset {ident} publishes no schema (columns not checked)"
+        H.check_columns(cols, H._check_columns(args.get("columns"), ident), H._check_filter(args.get("filter"), ident),
+                        H._describe(ident, config, split))
+        if local:  # rows (text) and a spread of images: what the trial would read
+            plan = H.plan_hf_dataset(ident, **args)
+            if not len(plan):
+                raise ConfigError(fields["hf"], f"{ident}: no rows to use (split {split!r})", "check split, filter and n")
+            _check_images(where, {}, plan.items, "path" if key == "benchmark" else "hf")
+    except ConnectionError as e:
+        return f"{where}: hub dataset {ident} (unreachable: {str(e)[:80]})"
+    except DataError as e:
+        tag = getattr(e, "field", "hf")
+        top = tag.split(".")[0]
+        field = fields.get(top, f"{where}.{key}")
+        if field == f"{where}.{top}" and "." in tag:
+            field = f"{where}.{tag}"  # columns.answer, filter.data_type
+        raise ConfigError(field, str(e), fix.get(top, "fix the column map or filter (docs/sweep_config.md)")) from None
+    return None
+
+
+def check_data_sources(cfg: SweepConfig, *, hub: bool = False, offline: bool = False) -> list[str]:
+    """Open every local data source and check it; with `hub` (and not `offline`) read each hub
+    dataset's schema. Raises ConfigError naming the source's field; returns what was not checked."""
+    from lmm_ray.errors import DataError
+    from lmm_ray.skills.loaders import _plan_dataset_yaml, _plan_llava
+
+    unchecked: list[str] = []
+    skip_hub = None if hub and not offline else "offline" if offline else "schema not read: validate with --check-data"
+    for where, src in data_sources(cfg):
+        key = next(k for k in ("llava_json", "dataset_yaml", "hf", "benchmark") if k in src)
+        if key in ("llava_json", "dataset_yaml"):
+            seed = src.get("seed", 0)
+            try:
+                pending = (_plan_llava(src[key], src.get("image_folder"), src.get("sampling", "all"), seed,
+                                       src.get("answer_type"), src.get("skill")) if key == "llava_json"
+                           else _plan_dataset_yaml(src[key], src.get("image_folder"), seed))
+            except DataError as e:
+                raise ConfigError(f"{where}.{key}", str(e), "fix the file as the message says (a record: "
+                                  '{"id", "image", "conversations": [{"from": "human", ...}, {"from": "gpt", ...}]})') from None
+            if not pending:
+                raise ConfigError(f"{where}.{key}", f"{src[key]} has no records" + (
+                    f" left after sampling {src['sampling']!r}" if src.get("sampling") else ""),
+                    "point it at a file with records")
+            _check_images(where, src, pending, key)
+            continue
+        why = _check_hf(where, src, skip_hub)
+        if why is not None:
+            if skip_hub is None and "(unreachable:" in why:
+                skip_hub = "hub unreachable"  # one timeout is enough: the other hub sources are not tried
+            unchecked.append(why)
+    return unchecked
 
 
 def check_local_resources(cfg: SweepConfig, address: str | None) -> None:
@@ -182,21 +320,36 @@ def check_memory(cfg: SweepConfig, budget: float | None = None) -> str:
     return "\n".join(lines)
 
 
-def check(cfg: SweepConfig, *, address: str | None = None, offline: bool = False) -> str:
-    """Raise ConfigError on the first problem; return the plan."""
-    check_data(cfg)
+def check_resolution(cfg: SweepConfig, family: str, offline: bool = False) -> None:
+    """The `data` caps are ones the model's family can honour (resolution.check)."""
+    from lmm_ray import models, resolution
+
+    if cfg.data.max_pixels is None and cfg.data.min_pixels is None:
+        return  # the defaults always apply
+    _, mconf = models.model_config(cfg.model, offline=offline)
+    resolution.check(family, mconf, cfg.data.max_pixels, cfg.data.min_pixels)
+
+
+def check(cfg: SweepConfig, *, address: str | None = None, offline: bool = False, check_data: bool = False) -> str:
+    """Raise ConfigError on the first problem; return the plan. `check_data` (`--check-data`)
+    also reads each hub dataset's schema (network)."""
+    check_data_paths(cfg)
+    unchecked = check_data_sources(cfg, hub=check_data, offline=offline)
     if not offline:  # offline checks the files against the model's configuration only
         check_local_resources(cfg, address)
     family, trainable = check_recipes(cfg, offline=offline)
+    check_resolution(cfg, family, offline=offline)
     check_lmms_tasks(cfg)
     check_runtime(cfg, address, offline)
     mem = check_memory(cfg)
     if not offline:
         check_tracking(cfg)
-    return plan(cfg, family, trainable) + "\n" + mem
+    return plan(cfg, family, trainable, unchecked) + "\n" + mem
 
 
-def plan(cfg: SweepConfig, family: str, trainable: dict) -> str:
+def plan(cfg: SweepConfig, family: str, trainable: dict, unchecked: list[str] = ()) -> str:
+    from lmm_ray import resolution
+
     sp = cfg.search_space
     dims = ", ".join(f"{k}={d.to_yaml()}" for k, d in sp.params.items())
     r = cfg.resources
@@ -211,8 +364,11 @@ def plan(cfg: SweepConfig, family: str, trainable: dict) -> str:
         f"objective  {cfg.objective.mode}" + (f": learning + {cfg.objective.lam:g}*min(0, held-out change) - {cfg.objective.mu:g}*counting bias"
                                                if cfg.objective.mode == "scalar" else ": (learning, held-out change, counting bias)"),
         f"scheduler  {cfg.scheduler.type}",
+        f"images     {resolution.describe(family, cfg.model, cfg.data.max_pixels, cfg.data.min_pixels)}; "
+        f"{cfg.data.num_workers} loader worker(s) per rank",
         f"resources  {r.num_workers} worker(s) x {r.cpus_per_worker:g} CPU" + (f" + {r.gpus_per_worker:g} GPU" if r.gpus_per_worker else "") + f" per trial ({r.strategy})",
         f"storage    {cfg.sweep_dir}",
         f"mlflow     {cfg.mlflow_uri} (experiment {cfg.experiment!r})",
     ]
+    lines += [f"unchecked  {u}" for u in unchecked]
     return "\n".join(lines)

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import shutil
@@ -25,6 +24,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from study_data import write_placeholders
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,26 +140,11 @@ def test_rayjob_manifest_runs_a_valid_sweep():
 # 3. Study sweeps, offline
 
 
-def _local_paths(node) -> list[str]:
-    """Every `~/...` value of a data source (llava_json, image_folder, dataset_yaml) in a raw sweep."""
-    out = []
-    if isinstance(node, dict):
-        for k, v in node.items():
-            if k in ("llava_json", "dataset_yaml", "image_folder") and isinstance(v, str):
-                out.append(v)
-            else:
-                out += _local_paths(v)
-    elif isinstance(node, list):
-        for v in node:
-            out += _local_paths(v)
-    return out
-
-
 @pytest.mark.parametrize("name", list(STUDY_SWEEPS))
 def test_study_sweep_validates_offline(name, tmp_path, monkeypatch, capsys):
     """No weights, no network: the hub model's shipped configuration, parameters on the meta device.
     The user's converted LLaVA files live under ~/lmm_data: HOME points at a folder holding
-    placeholders for them (validation checks that they exist, the loaders read them later)."""
+    one-record placeholders for them (validation opens them and their images)."""
     from lmm_ray import cli
 
     model, family, n_params = STUDY_SWEEPS[name]
@@ -170,15 +155,8 @@ def test_study_sweep_validates_offline(name, tmp_path, monkeypatch, capsys):
     assert [h["name"] for h in raw["heldout"]] == STUDY_HELDOUT
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    local = _local_paths(raw)
+    local = write_placeholders(raw)  # validate opens the files: one valid record each, and its image
     assert local and all(p == "~/lmm_data" or p.startswith("~/lmm_data/") for p in local), local
-    for p in local:
-        full = Path(os.path.expanduser(p))
-        if full.suffix:
-            full.parent.mkdir(parents=True, exist_ok=True)
-            full.write_text("[]")
-        else:
-            full.mkdir(parents=True, exist_ok=True)
 
     # --address: the sweep is for a cluster; validate then leaves resources to the cluster check
     # (it never connects: --offline). Without it, 8 GPU workers would not fit this machine.

@@ -6,11 +6,11 @@ GPU without bf16 and is not exercised here."""
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 import pytest
 import yaml
+from study_data import write_placeholders
 
 from lmm_ray import cli
 
@@ -24,25 +24,7 @@ def offline_home(tmp_path, monkeypatch):
     """The study sweep's ~/lmm_data files as placeholders, no network."""
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    raw = yaml.safe_load(STUDY.read_text())
-
-    def walk(node):
-        if isinstance(node, dict):
-            for v in node.values():
-                yield from walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                yield from walk(v)
-        elif isinstance(node, str) and node.startswith("~/lmm_data"):
-            yield node
-
-    for p in walk(raw):
-        full = Path(os.path.expanduser(p))
-        if full.suffix:
-            full.parent.mkdir(parents=True, exist_ok=True)
-            full.write_text("[]")
-        else:
-            full.mkdir(parents=True, exist_ok=True)
+    write_placeholders(yaml.safe_load(STUDY.read_text()))
 
 
 def _validate(capsys, path, *overrides) -> tuple[int, str, str]:

@@ -15,7 +15,9 @@ What the evaluation sets need beyond image/question/answer columns:
   * `columns: {context: hint}` and `columns: {category: l2_category}` kept on the Sample;
   * `filter: {data_type: image}`: only rows whose column equals the value (or one of a list).
 
-Rows are checked (text only) before any image is opened, and only kept rows are opened.
+Rows are checked (text only) before any image is opened, and only kept rows are opened:
+`plan_hf_dataset` keeps each row's image as an `HFImage` reference (row number into the
+memory-mapped dataset), opened when a batch needs it.
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ from typing import Any
 from lmm_ray.skills.loaders import (
     SUBSET_SEED,
     DataError,
+    HFImage,
     Sample,
+    SamplePlan,
     _check_answer_type,
-    _materialise,
     _Pending,
     _typed_answer,
     _where,
@@ -45,6 +48,14 @@ DEFAULT_HF_COLUMNS = {"image": "image", "question": "question", "answer": "answe
 HF_FIELDS = ("image", "question", "answer", "choices", "id", "context", "category")
 MULTI_IMAGE = ("error", "first")
 _HF_FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".arrow": "arrow"}
+
+
+def _err(message: str, field: str) -> DataError:
+    """A DataError tagged with the source key to fix ("config", "split", "hf", "columns.answer",
+    "filter.data_type"), so `lmm-ray validate` can name the field of the sweep file."""
+    e = DataError(message)
+    e.field = field
+    return e
 
 
 def _describe(path_or_id, config: str | None, split: str) -> str:
@@ -82,12 +93,12 @@ def _open_hf(path_or_id: str, split: str, config: str | None = None, revision: s
             p, config = p / config, None  # save_to_disk copies keep one folder per config
         if _is_saved(p):
             if config:
-                raise DataError(f"{source}: a save_to_disk folder has no configs and there is no subfolder "
-                                f"{config!r}; save each config to <path>/<config>")
+                raise _err(f"{source}: a save_to_disk folder has no configs and there is no subfolder "
+                           f"{config!r}; save each config to <path>/<config>", "config")
             ds = datasets.load_from_disk(str(p))
             if isinstance(ds, datasets.DatasetDict):
                 if split not in ds:
-                    raise DataError(f"{path_or_id}: no split {split!r}; its splits are {sorted(ds)}")
+                    raise _err(f"{path_or_id}: no split {split!r}; its splits are {sorted(ds)}", "split")
                 ds = ds[split]
             return ds
         if p.is_file():
@@ -98,7 +109,7 @@ def _open_hf(path_or_id: str, split: str, config: str | None = None, revision: s
         if p.is_dir():  # a hub-like folder: data/<split>-*.parquet, or <config>/... with a README configs block
             return datasets.load_dataset(str(p), name=config, split=split)
         if p.is_absolute() or str(path_or_id).startswith((".", "~")):
-            raise DataError(f"{path_or_id}: dataset path not found")
+            raise _err(f"{path_or_id}: dataset path not found", "hf")
         return datasets.load_dataset(path_or_id, name=config, split=split, revision=revision)  # a hub id
     except DataError:
         raise
@@ -107,10 +118,12 @@ def _open_hf(path_or_id: str, split: str, config: str | None = None, revision: s
         if "Config name is missing" in msg or ("BuilderConfig" in msg and "not found" in msg):
             names = _config_names(msg, path_or_id, revision)
             if config is None:
-                raise DataError(f"{source}: the dataset has several configs (subsets) and the source names none; "
-                                f"set `config:` to one of {names}") from None
-            raise DataError(f"{source}: config {config!r} not found; the dataset's configs are {names}") from None
-        raise DataError(f"{source}: could not load the dataset: {type(e).__name__}: {e}") from e
+                raise _err(f"{source}: the dataset has several configs (subsets) and the source names none; "
+                           f"set `config:` to one of {names}", "config") from None
+            raise _err(f"{source}: config {config!r} not found; the dataset's configs are {names}", "config") from None
+        if "Unknown split" in msg:
+            raise _err(f"{source}: {msg}", "split") from None
+        raise _err(f"{source}: could not load the dataset: {type(e).__name__}: {e}", "hf") from e
 
 
 def _most_common(values: list) -> Any:
@@ -226,14 +239,20 @@ def _opt_text(v: Any, where: str, fld: str, col: str) -> str:
     return v.strip()
 
 
-def load_hf_dataset(path_or_id, *, split: str = "train", config: str | None = None, revision: str | None = None,
+def load_hf_dataset(path_or_id, **kw) -> list[Sample]:
+    """Samples from a Hugging Face dataset (see the module docstring), every image opened; the
+    options are those of `plan_hf_dataset`."""
+    return plan_hf_dataset(path_or_id, **kw).samples()
+
+
+def plan_hf_dataset(path_or_id, *, split: str = "train", config: str | None = None, revision: str | None = None,
                     columns: dict | None = None, filter: dict | None = None, multi_image: str | None = None,
                     n: int | str | None = None, seed: int = SUBSET_SEED, answer_type: str | None = None,
-                    skill: str | None = None, meta: dict | None = None) -> list[Sample]:
-    """Samples from a Hugging Face dataset (see the module docstring). `columns` maps our fields
-    (image, question, answer; optional choices, id, context, category) to the dataset's columns.
-    `n`: the first n rows, or a sampling strategy such as "random:500", drawn with `seed` after
-    `filter`. `meta` is added to every sample's meta (e.g. the benchmark name)."""
+                    skill: str | None = None, meta: dict | None = None) -> SamplePlan:
+    """The samples of a Hugging Face dataset as references (text checked, images not opened).
+    `columns` maps our fields (image, question, answer; optional choices, id, context, category)
+    to the dataset's columns. `n`: the first n rows, or a sampling strategy such as "random:500",
+    drawn with `seed` after `filter`. `meta` is added to every sample's meta (e.g. the benchmark name)."""
     source = _describe(path_or_id, config, split)
     _check_answer_type(answer_type, source)
     cols = _check_columns(columns, source)
@@ -247,12 +266,8 @@ def load_hf_dataset(path_or_id, *, split: str = "train", config: str | None = No
         raise DataError(f"{source}: field 'n': {e}") from None
 
     ds = _open_hf(str(path_or_id), split, config, revision)
-    available = ds.column_names
+    check_columns(ds.column_names, cols, flt, source)
     wanted = [(f, c) for f, spec in cols.items() for c in (spec if isinstance(spec, list) else [spec])]
-    for what, col in wanted + [("filter", c) for c in flt]:
-        if col not in available:
-            kind = "the filter" if what == "filter" else f"field {what!r}"
-            raise DataError(f"{source}: column {col!r} (for {kind}) is not in the dataset; its columns are {available}")
     rows = apply_sampling(_filter_rows(ds, flt, source), sampling, seed)
     sub = ds.select(rows)
     text_cols = list(dict.fromkeys(c for f, c in wanted if f != "image"))
@@ -295,21 +310,75 @@ def load_hf_dataset(path_or_id, *, split: str = "train", config: str | None = No
                                 meta={"source": str(path_or_id), **({"config": config} if config else {}),
                                       "split": split, "index": i, **(meta or {})},
                                 answers=answers, context=context, category=category))
-    _attach_images(ds, sub, cols["image"], pending, path_or_id, multi_image)
-    return _materialise(pending)
+    _attach_images(ds, rows, cols["image"], pending, path_or_id, multi_image)
+    return SamplePlan(pending, source)
 
 
-def _attach_images(ds, sub, col: str, pending: list[_Pending], path_or_id, multi_image: str | None) -> None:
+def check_columns(available: list[str], cols: dict, flt: dict, source: str) -> None:
+    """Every column the column map and the filter name is in `available` (DataError tagged
+    `columns.<field>` / `filter.<column>` otherwise)."""
+    for fld, spec in cols.items():
+        for col in spec if isinstance(spec, list) else [spec]:
+            if col not in available:
+                raise _err(f"{source}: column {col!r} (for field {fld!r}) is not in the dataset; its columns are "
+                           f"{available}", f"columns.{fld}")
+    for col in flt:
+        if col not in available:
+            raise _err(f"{source}: column {col!r} (for the filter) is not in the dataset; its columns are {available}",
+                       f"filter.{col}")
+
+
+def dataset_columns(path_or_id, *, split: str = "train", config: str | None = None,
+                    revision: str | None = None) -> list[str] | None:
+    """The columns of a dataset's split, reading no row: a local copy is opened (memory-mapped); a
+    hub dataset's published schema is read (`load_dataset_builder(...).info`: the dataset card, no
+    data files). None: the hub dataset publishes no schema. Raises DataError tagged with the
+    source key at fault (config, split, hf), or ConnectionError when the hub is unreachable."""
+    p = Path(str(path_or_id)).expanduser()
+    if p.exists() or p.is_absolute() or str(path_or_id).startswith((".", "~")):
+        return list(_open_hf(str(path_or_id), split, config, revision).column_names)
+    import datasets
+
+    source = _describe(path_or_id, config, split)
+    try:
+        builder = datasets.load_dataset_builder(str(path_or_id), name=config, revision=revision)
+    except ConnectionError:
+        raise
+    except Exception as e:  # noqa: BLE001 - datasets raises many types; classify by message
+        msg = str(e)
+        if "Config name is missing" in msg or ("BuilderConfig" in msg and "not found" in msg):
+            names = _config_names(msg, str(path_or_id), revision)
+            if config is None:
+                raise _err(f"{source}: the dataset has several configs (subsets) and the source names none; "
+                           f"set `config:` to one of {names}", "config") from None
+            raise _err(f"{source}: config {config!r} not found; the dataset's configs are {names}", "config") from None
+        if "OfflineModeIsEnabled" in msg or "Couldn't reach" in msg:
+            raise ConnectionError(msg) from None
+        raise _err(f"{source}: no such dataset on the hub, or it cannot be read: {type(e).__name__}: {msg}",
+                   "hf") from None
+    splits = builder.info.splits
+    if splits and split not in splits:
+        raise _err(f"{source}: no split {split!r}; its splits are {sorted(splits)}", "split")
+    return list(builder.info.features) if builder.info.features else None
+
+
+def _attach_images(ds, rows: list[int], col: str, pending: list[_Pending], path_or_id, multi_image: str | None) -> None:
+    """Point each pending row at its image cell (an HFImage), after checking list-of-images counts."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     base = Path(str(path_or_id)).expanduser() if Path(str(path_or_id)).expanduser().is_dir() else None
     if not pending:
         return
+    # The image column alone, in arrow format: a row is read (not decoded) when it is opened.
+    view = ds.select_columns([col]).with_format("arrow")
     atype = ds.data.schema.field(col).type
     if pa.types.is_list(atype) or pa.types.is_large_list(atype) or pa.types.is_fixed_size_list(atype):
-        arr = sub.with_format("arrow")[col]  # undecoded {bytes, path} structs: check counts first
-        counts = pc.list_value_length(arr).to_pylist()
+        if getattr(ds, "_indices", None) is None:  # list lengths from the offsets only: no image bytes read
+            lengths = pc.list_value_length(ds.data.column(col))
+            counts = [lengths[i].as_py() for i in rows]
+        else:
+            counts = pc.list_value_length(ds.select(rows).with_format("arrow")[col]).to_pylist()
         for p, k in zip(pending, counts):
             if not k:
                 raise DataError(f"{p.where}, field 'image' (column {col!r}): no image (empty list)")
@@ -317,14 +386,10 @@ def _attach_images(ds, sub, col: str, pending: list[_Pending], path_or_id, multi
                 raise DataError(f"{p.where}, field 'image' (column {col!r}): {k} images in one row, and lmm_ray "
                                 f"gives the model one image per question; set `multi_image: first` to use the "
                                 f"first one, or filter such rows out (SEED-Bench: `filter: {{data_type: image}}`)")
-        images = [lst[0] for lst in arr.to_pylist()]
-    else:
-        images = sub[col]
-    for p, img in zip(pending, images):
-        if isinstance(img, str) and base is not None and not Path(img).is_absolute():
-            img = base / img  # a relative image path in a local dataset
-        p.image = img
+    for p, i in zip(pending, rows):
+        p.image = HFImage(view, i, str(base) if base is not None else None)
         p.image_folder = str(base) if base is not None else ""
 
 
-__all__ = ["DEFAULT_HF_COLUMNS", "HF_FIELDS", "MULTI_IMAGE", "load_hf_dataset"]
+__all__ = ["DEFAULT_HF_COLUMNS", "HF_FIELDS", "MULTI_IMAGE", "check_columns", "dataset_columns", "load_hf_dataset",
+           "plan_hf_dataset"]

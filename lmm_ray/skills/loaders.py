@@ -2,6 +2,10 @@
 Hugging Face datasets (hub id or local copy; see hub.py) and named benchmark presets
 (benchmarks.yaml; see benchmarks.py).
 
+Two ways in: `plan_samples(source)` returns a `SamplePlan`, the source's samples as references
+(text checked, image paths or dataset rows, nothing decoded), which `lmm_ray.stream` opens one
+batch at a time; `load_samples(source)` opens every image at once (small sets, tests).
+
 Every loader checks the structure of all records first and only then opens images, and only
 those of the records kept after sampling: a bad record deep in a 30k-record file is reported
 at once, and `first:10` opens 10 images. Bad input raises `DataError`, whose message names the
@@ -13,11 +17,12 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import yaml
 from PIL import Image, UnidentifiedImageError
@@ -132,7 +137,7 @@ def infer_answer_type(answer: str, choices: Sequence[str] = ()) -> str:
 # ---------------------------------------------------------------- records -> pending samples
 
 
-@dataclass
+@dataclass(slots=True)  # slots: a 40k-record plan holds 40k of these
 class _Pending:
     """A record whose text is validated and whose image is not opened yet."""
 
@@ -177,7 +182,7 @@ def _typed_answer(where: str, field_name: str, answer: str, question: str, answe
     return answer.strip(), kind, ()
 
 
-def _llava_record(rec: Any, index: int, path: Path, answer_type: str | None, skill: str) -> _Pending:
+def _llava_record(rec: Any, index: int, path: str, answer_type: str | None, skill: str) -> _Pending:
     if not isinstance(rec, dict):
         raise DataError(f"{_where(path, index)}: expected a JSON object, got {type(rec).__name__}")
     rid = rec.get("id")
@@ -209,31 +214,58 @@ def _llava_record(rec: Any, index: int, path: Path, answer_type: str | None, ski
     question = clean_question(question)
     answer, kind, choices = _typed_answer(where, f"conversations[{g}].value", answer, question, answer_type)
     return _Pending(where, image, question, answer, kind, choices, skill,
-                    str(rid) if rid not in (None, "") else f"{path.stem}-{index}",
-                    meta={"source": str(path), "index": index, "image": image})
+                    str(rid) if rid not in (None, "") else f"{Path(path).stem}-{index}",
+                    meta={"source": path, "index": index, "image": image})
 
 
-def _read_json_records(path: Path) -> list:
+_WS = re.compile(r"[ \t\n\r]*")
+
+
+def _read_json_records(path: Path) -> Iterator[Any]:
+    """The records of a .json list or a .jsonl file, one at a time: the caller turns each into a
+    small `_Pending` before the next is parsed, so the parsed dicts of a whole 40k-record file
+    (~1 KB each, memory Python keeps after they are freed) never exist at once."""
     if not path.is_file():
         raise DataError(f"{path}: dataset file not found")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
-        records = []
+        n = 0
         for lineno, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    records.append(json.loads(line))
+                    rec = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: record {len(records)} (line {lineno}, column {e.colno}) "
+                    raise DataError(f"{path}: record {n} (line {lineno}, column {e.colno}) "
                                     f"is not valid JSON: {e.msg}") from None
-        return records
+                n += 1
+                yield rec
+        return
+    decoder = json.JSONDecoder()
     try:
-        records = json.loads(text)
+        pos = _WS.match(text, 0).end()
+        if not text.startswith("[", pos):  # not a list: parse it whole for the message
+            doc = json.loads(text)
+            raise DataError(f"{path}: the top level should be a JSON list of records, got {type(doc).__name__}")
+        pos = _WS.match(text, pos + 1).end()
+        if text.startswith("]", pos):
+            pos += 1
+        else:
+            while True:
+                rec, pos = decoder.raw_decode(text, pos)
+                yield rec
+                pos = _WS.match(text, pos).end()
+                if text.startswith(",", pos):
+                    pos = _WS.match(text, pos + 1).end()
+                    continue
+                if text.startswith("]", pos):
+                    pos += 1
+                    break
+                raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
+        pos = _WS.match(text, pos).end()
+        if pos != len(text):
+            raise json.JSONDecodeError("Extra data", text, pos)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-    if not isinstance(records, list):
-        raise DataError(f"{path}: the top level should be a JSON list of records, got {type(records).__name__}")
-    return records
 
 
 def _plan_llava(json_path, image_folder, sampling, seed, answer_type, skill) -> list[_Pending]:
@@ -244,19 +276,43 @@ def _plan_llava(json_path, image_folder, sampling, seed, answer_type, skill) -> 
         raise DataError(f"{path}: {e}") from None
     _check_answer_type(answer_type, path)
     # All records are checked (cheap) before sampling, so a broken file fails whatever is sampled.
-    pending = [_llava_record(r, i, path, answer_type, skill or "") for i, r in enumerate(_read_json_records(path))]
-    folder = Path(image_folder) if image_folder is not None else path.parent
+    # One string for the file and one for the folder, shared by every record, and image paths as
+    # strings (not Path objects): a plan of 40k records then costs ~1 KB a record.
+    src = str(path)
+    pending = [_llava_record(r, i, src, answer_type, skill or "") for i, r in enumerate(_read_json_records(path))]
+    folder = str(Path(image_folder) if image_folder is not None else path.parent)
     for p in pending:
-        p.image = folder / p.image  # an absolute image path stays as it is
-        p.image_folder = str(folder)
+        p.image = os.path.join(folder, p.image)  # an absolute image path stays as it is
+        p.image_folder = folder
     return apply_sampling(pending, sampling, seed)
 
 
 # ---------------------------------------------------------------- opening images
 
 
+@dataclass(frozen=True, slots=True)
+class HFImage:
+    """A reference to the image cell of one row of a Hugging Face dataset, read when opened.
+
+    `view` is the dataset reduced to the image column in arrow format (one object shared by every
+    row of a plan, memory-mapped from the dataset's cache files), so opening a row reads that
+    row's bytes only and nothing is decoded before it is needed."""
+
+    view: Any
+    row: int
+    base: str | None = None  # the local dataset folder that relative image paths resolve against
+
+    def get(self) -> Any:
+        cell = self.view[self.row].column(0)[0].as_py()
+        if isinstance(cell, list):  # a list-of-images column: the plan checked that the first is wanted
+            cell = cell[0] if cell else None
+        if isinstance(cell, str) and self.base is not None and not Path(cell).is_absolute():
+            cell = Path(self.base) / cell
+        return cell
+
+
 def _open_image(p: _Pending) -> Image.Image:
-    img = p.image
+    img = p.image.get() if isinstance(p.image, HFImage) else p.image
     try:
         if isinstance(img, Image.Image):
             return img.convert("RGB")
@@ -272,14 +328,57 @@ def _open_image(p: _Pending) -> Image.Image:
         with Image.open(img) as im:
             return im.convert("RGB")
     except (UnidentifiedImageError, OSError) as e:
-        what = p.image if isinstance(p.image, (str, Path)) else "the image"
+        what = img if isinstance(img, (str, Path)) else "the image"
         raise DataError(f"{p.where}, field 'image': cannot read {what} as an image: {e}") from None
 
 
+def open_sample(p: "_Pending | Sample") -> Sample:
+    """The Sample of a reference, its image opened (a Sample is returned as it is)."""
+    if isinstance(p, Sample):
+        return p
+    return Sample(_open_image(p), p.question, p.answer, p.answer_type, p.choices, p.skill, p.id, p.meta,
+                  answers=p.answers, context=p.context, category=p.category)
+
+
 def _materialise(pending: list[_Pending]) -> list[Sample]:
-    return [Sample(_open_image(p), p.question, p.answer, p.answer_type, p.choices, p.skill, p.id, p.meta,
-                   answers=p.answers, context=p.context, category=p.category)
-            for p in pending]
+    return [open_sample(p) for p in pending]
+
+
+class SamplePlan:
+    """The samples of one source as references: text checked, images not opened.
+
+    `plan[i]` has the text fields of a Sample (question, answer, answer_type, choices, id, skill,
+    answers, context, category, meta) and no decoded image; `plan.sample(i)` opens the image.
+    Items are `_Pending` records (files, dataset rows) or Samples (generated skills, whose small
+    images are drawn up front: a skill's random stream is sequential, so sample i cannot be drawn
+    without drawing 0..i-1). A plan pickles cheaply: paths, row numbers and a memory-mapped
+    dataset, so DataLoader workers and Ray tasks can receive it."""
+
+    __slots__ = ("items", "source")
+
+    def __init__(self, items: Sequence, source: str = ""):
+        self.items, self.source = list(items), source
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def sample(self, i: int) -> Sample:
+        return open_sample(self.items[i])
+
+    def samples(self) -> list[Sample]:
+        return [open_sample(p) for p in self.items]
+
+    def subset(self, idx: Sequence[int]) -> "SamplePlan":
+        return SamplePlan([self.items[i] for i in idx], self.source)
+
+    def __repr__(self) -> str:
+        return f"SamplePlan({self.source or '?'}, {len(self)} samples)"
 
 
 # ---------------------------------------------------------------- public loaders
@@ -295,6 +394,10 @@ def load_llava_json(json_path, image_folder, *, sampling: str = "all", seed: int
 def load_dataset_yaml(yaml_path, image_folder, seed: int = 0) -> list[Sample]:
     """Samples of every `datasets:` entry of a study-format YAML, concatenated in order.
     Entries may also set `answer_type` and `skill`."""
+    return _materialise(_plan_dataset_yaml(yaml_path, image_folder, seed))
+
+
+def _plan_dataset_yaml(yaml_path, image_folder, seed: int = 0) -> list[_Pending]:
     path = Path(yaml_path)
     if not path.is_file():
         raise DataError(f"{path}: dataset YAML not found")
@@ -319,8 +422,7 @@ def load_dataset_yaml(yaml_path, image_folder, seed: int = 0) -> list[Sample]:
             raise DataError(f"{path}: datasets[{i}], field 'sampling_strategy': {err}") from None
         specs.append((json_path, sampling, e.get("answer_type"), e.get("skill")))
     # Every file is checked before any image is opened.
-    pending = [p for jp, s, at, sk in specs for p in _plan_llava(jp, image_folder, s, seed, at, sk)]
-    return _materialise(pending)
+    return [p for jp, s, at, sk in specs for p in _plan_llava(jp, image_folder, s, seed, at, sk)]
 
 
 def load_hf_dataset(path_or_id, **kw) -> list[Sample]:
@@ -379,18 +481,22 @@ def check_source(source: Any) -> str:
 
 
 def load_samples(source: dict, *, seed: int | None = None) -> list[Sample]:
-    """Samples for a sweep config's data source, one of the forms in SOURCE_FORMS.
+    """Samples for a sweep config's data source, one of the forms in SOURCE_FORMS, every image
+    opened. `seed` is accepted for old callers and not used (see `plan_samples`)."""
+    return plan_samples(source).samples()
 
-    `seed` is accepted for old callers and not used: subsets are drawn with the source's own
-    `seed` (default SUBSET_SEED), so they never change with the trial's training or
-    evaluation seed."""
+
+def plan_samples(source: dict) -> SamplePlan:
+    """The samples of a sweep config's data source as references (see SamplePlan): every record
+    checked, no image opened. Subsets are drawn with the source's own `seed` (default
+    SUBSET_SEED), so they never change with the trial's training or evaluation seed."""
     kind, s = check_source(source), source
     sub_seed = s.get("seed", SUBSET_SEED)
     if kind == "llava_json":
-        return load_llava_json(s[kind], s.get("image_folder"), sampling=s.get("sampling", "all"), seed=sub_seed,
-                               answer_type=s.get("answer_type"), skill=s.get("skill"))
+        return SamplePlan(_plan_llava(s[kind], s.get("image_folder"), s.get("sampling", "all"), sub_seed,
+                                      s.get("answer_type"), s.get("skill")), str(s[kind]))
     if kind == "dataset_yaml":
-        return load_dataset_yaml(s[kind], s.get("image_folder"), seed=sub_seed)
+        return SamplePlan(_plan_dataset_yaml(s[kind], s.get("image_folder"), seed=sub_seed), str(s[kind]))
     meta = None
     if kind == "benchmark":
         from lmm_ray.skills import benchmarks
@@ -398,15 +504,17 @@ def load_samples(source: dict, *, seed: int | None = None) -> list[Sample]:
         resolved = benchmarks.resolve(s)
         s = {k: v for k, v in resolved.items() if k == "hf" or k in SOURCE_OPTIONS["hf"]}
         meta = {"benchmark": resolved["benchmark"]}
-    from lmm_ray.skills.hub import load_hf_dataset as load
+    from lmm_ray.skills.hub import plan_hf_dataset
 
-    return load(s["hf"], split=s.get("split", "train"), config=s.get("config"), revision=s.get("revision"),
-                columns=s.get("columns"), filter=s.get("filter"), multi_image=s.get("multi_image"),
-                n=s.get("n"), seed=sub_seed, answer_type=s.get("answer_type"), skill=s.get("skill"), meta=meta)
+    return plan_hf_dataset(s["hf"], split=s.get("split", "train"), config=s.get("config"), revision=s.get("revision"),
+                           columns=s.get("columns"), filter=s.get("filter"), multi_image=s.get("multi_image"),
+                           n=s.get("n"), seed=sub_seed, answer_type=s.get("answer_type"), skill=s.get("skill"),
+                           meta=meta)
 
 
 __all__ = [
     "DataError", "SAMPLING_FORMS", "SOURCE_FORMS", "SOURCE_OPTIONS", "SUBSET_SEED", "parse_sampling",
     "apply_sampling", "clean_question", "parse_choices", "infer_answer_type", "load_llava_json",
-    "load_dataset_yaml", "load_hf_dataset", "load_samples", "check_source",
+    "load_dataset_yaml", "load_hf_dataset", "load_samples", "check_source", "plan_samples", "SamplePlan",
+    "HFImage", "open_sample",
 ]
