@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from lmm_ray.errors import ResultsNotFound, UserError
+from lmm_ray.schema import mask_secrets
 
 EXIT_USAGE = 2
 
@@ -177,7 +178,8 @@ def cmd_pareto(a) -> int:
         cfg = config.load_sweep(a.sweep)  # no results file: rebuild the table from the MLflow runs
         res = tracking.results_from_mlflow(cfg.mlflow_uri, cfg.experiment, cfg.name)
         if res.empty:
-            raise UserError(f"sweep {cfg.name!r} has no results in {d} and no trial runs in MLflow ({cfg.mlflow_uri})")
+            raise UserError(f"sweep {cfg.name!r} has no results in {d} and no trial runs in MLflow "
+                            f"({mask_secrets(cfg.mlflow_uri)})")
         print(f"# {d} has no results.csv: read {len(res)} trials from MLflow", file=sys.stderr)
     front = pareto.front(res)
     if a.json:

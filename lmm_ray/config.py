@@ -28,7 +28,7 @@ from lmm_ray.registry import did_you_mean
 from lmm_ray.schema import (NAME_RE, DATA_RULES, DataConfig, EVAL_RULES, OBJECTIVE_RULES, RESOURCES_RULES, SCHEDULER_RULES, SEARCH_RULES,
                             TRACKING_RULES, TRAIN_RULES, EvalConfig, ObjectiveConfig, ResourcesConfig, SchedulerConfig,
                             SearchConfig, TrackingConfig, TrainConfig, _OBJ_NAMES, R, check_mapping, check_value, ge, gt,
-                            is_uri, join, read_section, read_yaml, resolve_path, section_dict, tname)
+                            is_uri, join, mask_secrets, read_section, read_yaml, resolve_path, section_dict, tname)
 from lmm_ray.space import PARAMS, SearchSpace, load_recipes_file, parse_search_space
 from lmm_ray.tasks import EVAL_KEYS, split_source
 
@@ -282,6 +282,13 @@ class SweepConfig:
     def heldout_names(self) -> list[str]:
         return [h.name for h in self.heldout]
 
+    def public_dict(self) -> dict:
+        """`to_dict()` with credentials masked: what is written to the sweep folder and logged."""
+        d = self.to_dict()
+        if d["tracking"]["mlflow_uri"]:
+            d["tracking"]["mlflow_uri"] = mask_secrets(d["tracking"]["mlflow_uri"])
+        return d
+
     def to_dict(self) -> dict:
         """Fully resolved and YAML/JSON-serialisable; parse_sweep(cfg.to_dict()) == cfg."""
         return copy.deepcopy({
@@ -406,6 +413,9 @@ def _parse(raw, base_dir: Path | None) -> SweepConfig:
 
     check_mapping(raw, "", TOP_KEYS, required=("name", "model", "stages", "search_space"))
     name = check_value(raw["name"], R(str), "name")
+    if name in (".", ".."):
+        raise ConfigError("name", f"{name!r} is not a folder name of its own (the sweep would write into its storage "
+                          "folder or the one above)", "give the sweep a name, e.g. name: my_sweep")
     if not NAME_RE.fullmatch(name):
         raise ConfigError("name", f"{name!r} may only contain letters, digits, '_', '.', '-' (it names a folder and an experiment)",
                           f"e.g. {re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}")

@@ -90,7 +90,7 @@ def _log_run(cfg, spec, sampled: dict, rows: list[dict], out: Path) -> None:
     exp = tracking.experiment_id(cfg.mlflow_uri, cfg.experiment, str(Path(cfg.sweep_dir) / "mlartifacts"))
     run_id = client.create_run(exp, run_name=f"final-{spec.recipe_name}", tags={
         "lmm_ray.sweep": cfg.name, "lmm_ray.role": "final", "lmm_ray.output": str(out.resolve())}).info.run_id
-    tracking._params(client, run_id, {**sampled, **tracking._flat(cfg.to_dict(), "sweep.")})
+    tracking._params(client, run_id, {**sampled, **tracking._flat(cfg.public_dict(), "sweep.")})
     for m in rows:
         step = int(m["stage"])
         ms = [Metric(k, float(v), 0, step) for k, v in m.items()

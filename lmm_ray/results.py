@@ -16,7 +16,7 @@ import pandas as pd
 
 from lmm_ray import objective, pareto
 from lmm_ray.errors import ResultsNotFound
-from lmm_ray.schema import is_uri
+from lmm_ray.schema import is_uri, mask_secrets
 
 # Constant per trial (set by the recipe on the model), reported with every stage.
 SIZE_COLUMNS = ("trainable", "total_params", "trainable_share")
@@ -168,6 +168,6 @@ def write_tables(cfg, res: pd.DataFrame, st: pd.DataFrame, store: Store | None =
     if store.is_uri:
         for f in files:
             store.put(f, f.name)
-    lines.append(f"\nresults: {cfg.sweep_dir}/{RESULTS_FILE}\nMLflow:  experiment {cfg.experiment!r} at {cfg.mlflow_uri}"
+    lines.append(f"\nresults: {cfg.sweep_dir}/{RESULTS_FILE}\nMLflow:  experiment {cfg.experiment!r} at {mask_secrets(cfg.mlflow_uri)}"
                  f"\n         open it with: lmm-ray ui {cfg.sweep_dir}")
     return "\n".join(lines), files, front

@@ -25,6 +25,15 @@ _LAYERS_RE = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*")
 _URI_RE = re.compile(r"[a-z][a-z0-9+.-]*://")
 
 
+_CREDENTIALS_RE = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@/\s]+)@")
+
+
+def mask_secrets(text: str) -> str:
+    """`text` with the password of every `scheme://user:password@host` in it replaced by ***: what
+    is printed, written to the sweep folder or logged to MLflow (a tracking URI may hold one)."""
+    return _CREDENTIALS_RE.sub(lambda m: f"{m['scheme']}{m['user']}:***@", str(text))
+
+
 def is_uri(s: str) -> bool:
     """`scheme://...` (s3://, gs://, http://, sqlite://): the one test for "not a plain path".
     Sweep storage given as file:// is turned into a plain path when the sweep file is parsed."""

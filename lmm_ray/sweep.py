@@ -293,6 +293,7 @@ def run(cfg: SweepConfig, *, resume: bool = False, address: str | None = None) -
     if started and not resume:
         raise SweepError(f"sweep {cfg.name!r} already exists at {cfg.sweep_dir}: continue it with --resume, "
                          f"or give a new name (name=... on the command line) — a fresh sweep never reuses a name")
+    lock = _lock(cfg)  # held until this process ends (a killed driver releases it)
     t0 = time.time()
     init_ray(cfg, address)
     try:
@@ -304,8 +305,8 @@ def run(cfg: SweepConfig, *, resume: bool = False, address: str | None = None) -
             if budget is not None:
                 print(validate.check_memory(cfg, budget), flush=True)
         cluster.check_storage(cfg.sweep_dir)
-        store.write_text("sweep.json", json.dumps(cfg.to_dict(), indent=1, default=str))
-        parent = tracking.parent_run(cfg.mlflow_uri, cfg.experiment, cfg.name, cfg.to_dict(),
+        store.write_text("sweep.json", json.dumps(cfg.public_dict(), indent=1, default=str))
+        parent = tracking.parent_run(cfg.mlflow_uri, cfg.experiment, cfg.name, cfg.public_dict(),
                                      None if store.is_uri else str(store.local / "mlartifacts"))
         if not store.exists(BASE_FILE):
             print(f"[lmm_ray] evaluating the base model {cfg.model} once for the whole sweep ...", file=sys.stderr, flush=True)
@@ -352,7 +353,34 @@ def run(cfg: SweepConfig, *, resume: bool = False, address: str | None = None) -
         return res, st
     finally:
         ray.shutdown()
+        if lock is not None:
+            lock.close()  # releases the lock
+
+
+def _lock(cfg: SweepConfig):
+    """Take the sweep's lock file (local storage): a second `lmm-ray sweep` of the same name is
+    refused while this one runs, instead of both writing one folder, one Optuna study and one
+    MLflow parent. The lock is an flock: the kernel releases it when the process dies."""
+    if is_uri(cfg.sweep_dir):
+        return None
+    import fcntl
+
+    Path(cfg.sweep_dir).mkdir(parents=True, exist_ok=True)
+    f = open(Path(cfg.sweep_dir) / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        owner = f.read().strip() or "another process"
+        f.close()
+        raise SweepError(f"sweep {cfg.name!r} is running now ({owner}) in {cfg.sweep_dir}: wait for it to end "
+                         "(then --resume continues it), or start another sweep with name=...") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {os.uname().nodename}")
+    f.flush()
+    return f
 
 
 def _flat_config(cfg: SweepConfig) -> dict:
-    return tracking._flat(cfg.to_dict(), "sweep.")
+    return tracking._flat(cfg.public_dict(), "sweep.")

@@ -40,6 +40,9 @@ def experiment_id(uri: str, name: str, artifact_root: str | None = None) -> str:
 
 def check_reachable(uri: str) -> None:
     """Fail fast (before Ray starts) when the tracking server cannot be reached."""
+    from lmm_ray.schema import mask_secrets
+
+    shown = mask_secrets(uri)
     if uri.startswith(("http://", "https://")):
         import urllib.request
 
@@ -47,10 +50,27 @@ def check_reachable(uri: str) -> None:
             urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).read()
         except Exception as e:  # noqa: BLE001 - any failure means unreachable
             raise ConnectionError(
-                f"MLflow tracking server {uri} is unreachable ({e.__class__.__name__}: {e}). Start it "
+                f"MLflow tracking server {shown} is unreachable ({e.__class__.__name__}: {mask_secrets(str(e))}). Start it "
                 f"(`mlflow server --host 127.0.0.1 --port 5000`) or set tracking.mlflow_uri to a reachable server "
                 "or leave it empty for the sweep's own sqlite store."
             ) from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).parent
+        probe = folder
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if not os.access(probe, os.W_OK):
+            raise ConnectionError(f"the sqlite tracking store's folder {folder} cannot be created or written "
+                                  f"({probe} is not writable)")
+    elif uri.split("://", 1)[0].split("+", 1)[0] in ("postgresql", "mysql", "mssql"):
+        try:
+            import sqlalchemy
+
+            with sqlalchemy.create_engine(uri, connect_args={"connect_timeout": 5}).connect():
+                pass
+        except Exception as e:  # noqa: BLE001 - a missing driver, a refused connection, bad credentials
+            raise ConnectionError(f"the tracking database {shown} cannot be reached "
+                                  f"({e.__class__.__name__}: {mask_secrets(str(e)).splitlines()[0][:300]})") from None
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from lmm_ray.config import SweepConfig
 from lmm_ray.errors import ConfigError
+from lmm_ray.schema import mask_secrets
 from lmm_ray.space import SearchSpace, trial_recipe
 
 # Which parameters train depends on these (every value is resolved); the numeric options of LoRA,
@@ -233,6 +234,28 @@ def check_local_resources(cfg: SweepConfig, address: str | None) -> None:
                               "set resources.gpus_per_worker: 0 to train on CPU, or run on a cluster with GPUs")
 
 
+def check_storage(cfg: SweepConfig) -> None:
+    """A local sweep folder is created (or found writable) now, before Ray starts: a file in its
+    place, a read-only place or a system folder fail here, with the fix."""
+    from lmm_ray.schema import is_uri
+
+    if is_uri(cfg.sweep_dir):
+        return  # object storage: checked by pyarrow when the sweep first writes to it
+    folder = Path(cfg.sweep_dir)
+    for p in (folder, *folder.parents):
+        if p.exists() and not p.is_dir():
+            raise ConfigError("storage", f"{p} is a file, so the sweep folder {folder} cannot be made there",
+                              "give storage a folder (it is created if missing), e.g. storage: runs")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".lmm_ray_write_check"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError("storage", f"cannot write the sweep folder {folder}: {e.strerror or e}",
+                          "give storage a folder you can write (it is created if missing), e.g. storage: runs") from None
+
+
 def check_tracking(cfg: SweepConfig) -> None:
     from lmm_ray import tracking
 
@@ -343,6 +366,7 @@ def check(cfg: SweepConfig, *, address: str | None = None, offline: bool = False
     check_runtime(cfg, address, offline)
     mem = check_memory(cfg)
     if not offline:
+        check_storage(cfg)
         check_tracking(cfg)
     return plan(cfg, family, trainable, unchecked) + "\n" + mem
 
@@ -368,7 +392,7 @@ def plan(cfg: SweepConfig, family: str, trainable: dict, unchecked: list[str] = 
         f"{cfg.data.num_workers} loader worker(s) per rank",
         f"resources  {r.num_workers} worker(s) x {r.cpus_per_worker:g} CPU" + (f" + {r.gpus_per_worker:g} GPU" if r.gpus_per_worker else "") + f" per trial ({r.strategy})",
         f"storage    {cfg.sweep_dir}",
-        f"mlflow     {cfg.mlflow_uri} (experiment {cfg.experiment!r})",
+        f"mlflow     {mask_secrets(cfg.mlflow_uri)} (experiment {cfg.experiment!r})",
     ]
     lines += [f"unchecked  {u}" for u in unchecked]
     return "\n".join(lines)

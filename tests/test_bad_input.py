@@ -1,0 +1,172 @@
+"""Mistakes users make in files (not only typed values): each is refused by `lmm-ray validate` and
+`lmm-ray sweep` with exit code 2, a message naming the field and a word of the fix, no traceback,
+and no Ray started. Also: a second sweep of the same name is refused while one runs, and no
+password of a tracking URI is printed, written or logged."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from lmm_ray import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "sweeps" / "smoke.yaml"
+BASE = """\
+name: bad
+model: tiny:qwen2_5_vl
+stages:
+  - skill: count
+    steps: 3
+heldout: [color]
+search_space: {recipe: sa_proj, lr: 1.0e-3}
+"""
+
+
+def _run(capsys, verb: str, path, *args) -> tuple[int, str, str]:
+    import ray
+
+    rc = cli.main([verb, str(path), *args])
+    out, err = capsys.readouterr()
+    assert not ray.is_initialized(), "Ray started for bad input"
+    return rc, out, err
+
+
+def _file(tmp_path: Path, text: str, name: str = "sweep.yaml", raw: bytes | None = None) -> Path:
+    p = tmp_path / name
+    if raw is not None:
+        p.write_bytes(raw)
+    else:
+        p.write_text(textwrap.dedent(text))
+    return p
+
+
+FILE_CASES = [
+    # (id, sweep text, expected words in the error)
+    ("stage-key-twice", BASE.replace("    steps: 3\n", "    steps: 3\n    skill: clock\n"),
+     ["key 'skill' appears twice", "lines 4 and 6", "its own `- `"]),
+    ("search-block-twice", BASE + "search: {num_trials: 4}\nsearch: {seed: 1}\n", ["key 'search' appears twice", "remove or merge"]),
+    ("tab-indent", BASE.replace("    steps: 3", "\tsteps: 3"), ["not valid YAML", "fix the YAML"]),
+    ("name-dotdot", BASE.replace("name: bad", "name: .."), ["name", "not a folder name of its own", "give the sweep a name"]),
+    ("name-with-slash", BASE.replace("name: bad", "name: a/b"), ["name", "may only contain", "e.g. a_b"]),
+    ("heldout-all-lmms", BASE.replace("heldout: [color]", "heldout: [{name: chart, lmms_eval: chartqa}]"),
+     ["heldout", "every held-out entry is an lmms-eval task", "add at least one"]),
+    ("unknown-metric", BASE.replace("heldout: [color]", "heldout: [color, {name: m, data: {llava_json: x.json, "
+                                                        "image_folder: ., metric: acc}}]"),
+     ["heldout.1.data.metric", "'acc' is not a valid choice", "use one of"]),
+    ("context-template-without-placeholder",
+     BASE.replace("heldout: [color]", "heldout: [color, {name: m, data: {benchmark: scienceqa_img, context_template: 'Hint: '}}]"),
+     ["heldout.1.data.context_template", "no {context} placeholder", "Context: {context}"]),
+    ("bad-max-new-tokens", BASE.replace("heldout: [color]", "heldout: [color, {name: m, data: {benchmark: ai2d, max_new_tokens: 0}}]"),
+     ["heldout.1.data.max_new_tokens", "out of range", ">= 1"]),
+    ("unknown-benchmark", BASE.replace("heldout: [color]", "heldout: [color, {name: m, data: {benchmark: ai2dd}}]"),
+     ["heldout.1.data", "ai2dd", "ai2d"]),
+    ("weight-dtype-typo", BASE + "train: {weight_dtype: bfloat16}\n", ["train.weight_dtype", "not a valid choice", "bf16"]),
+    ("strategy-typo", BASE + "resources: {strategy: fsdp2}\n", ["resources.strategy", "Did you mean 'fsdp'", "auto"]),
+    ("flash-attention-on-cpu", BASE + "train: {attn_implementation: flash_attention_2}\n",
+     ["train.attn_implementation", "NVIDIA GPUs only", "use sdpa"]),
+    ("negative-gpu-memory", BASE + "resources: {gpu_memory_gb: -80}\n", ["resources.gpu_memory_gb", "out of range", "> 0"]),
+    ("caption-probe-negative", BASE + "eval: {caption_probe_n: -1}\n", ["eval.caption_probe_n", "out of range", ">= 0"]),
+    ("lmms-include-path-missing", BASE + "eval: {lmms_include_path: /nowhere/tasks}\n",
+     ["eval.lmms_include_path", "not a folder", "task YAMLs"]),
+]
+
+
+@pytest.mark.parametrize("verb", ["validate", "sweep"])
+@pytest.mark.parametrize("text,expect", [c[1:] for c in FILE_CASES], ids=[c[0] for c in FILE_CASES])
+def test_file_mistakes_exit_2_before_ray(capsys, tmp_path, verb, text, expect):
+    path = _file(tmp_path, text + f"storage: {tmp_path / 'runs'}\n")
+    rc, out, err = _run(capsys, verb, path)
+    assert rc == 2, (out, err)
+    assert "Traceback" not in err
+    for word in expect:
+        assert word in err, f"{word!r} not in:\n{err}"
+
+
+def test_a_sweep_file_in_windows_1252_is_refused_with_how_to_save_it(capsys, tmp_path):
+    path = _file(tmp_path, "", raw=(BASE.replace("name: bad", "name: bad  # caf\xe9") + f"storage: {tmp_path}\n").encode("cp1252"))
+    rc, _, err = _run(capsys, "validate", path)
+    assert rc == 2 and "is not UTF-8 text (byte 0xe9 on line 1)" in err and "save the file as UTF-8" in err
+
+
+def test_a_byte_order_mark_is_fine(capsys, tmp_path):
+    path = _file(tmp_path, "", raw=("\ufeff" + BASE + f"storage: {tmp_path}\n").encode("utf-8"))
+    rc, out, err = _run(capsys, "validate", path)
+    assert rc == 0, err
+
+
+RECIPE_CASES = [
+    ("last_n-word", "mine: {roles: [llm.attn.q], last_n: two}\n", ["recipe 'mine', field last_n", "whole number"]),
+    ("lora-rank-0", "mine: {lora: {rank: 0, roles: [llm.attn.q]}}\n", ["recipe 'mine', field lora.rank", ">= 1"]),
+    ("lora-alpha-negative", "mine: {lora: {alpha: -16, roles: [llm.attn.q]}}\n", ["field lora.alpha", "> 0"]),
+    ("lora-dropout-one", "mine: {lora: {dropout: 1.0, roles: [llm.attn.q]}}\n", ["field lora.dropout", "[0, 1)"]),
+    ("wise-ft-alpha-big", "mine: {roles: [llm.mlp.down], wise_ft: {alpha: 2}}\n", ["field wise_ft.alpha", "[0, 1]"]),
+    ("lwf-unknown-key", "mine: {roles: [llm.mlp.down], lwf: {weigth: 1}}\n", ["field lwf.weigth", "valid keys: weight, temperature"]),
+    ("roles-not-a-list", "mine: {roles: {q: 1}}\n", ["field roles", "list of names"]),
+    ("recipe-key-twice", "mine: {roles: [llm.attn.q]}\nmine: {roles: [llm.attn.k]}\n", ["key 'mine' appears twice"]),
+]
+
+
+@pytest.mark.parametrize("text,expect", [c[1:] for c in RECIPE_CASES], ids=[c[0] for c in RECIPE_CASES])
+def test_recipe_file_mistakes_exit_2(capsys, tmp_path, text, expect):
+    recipes = _file(tmp_path, text, name="recipes.yaml")
+    path = _file(tmp_path, BASE.replace("recipe: sa_proj", "recipe: mine") + f"recipes_file: {recipes}\nstorage: {tmp_path}\n")
+    rc, out, err = _run(capsys, "validate", path)
+    assert rc == 2, (out, err)
+    assert "recipes_file" in err and "Traceback" not in err
+    for word in expect:
+        assert word in err, f"{word!r} not in:\n{err}"
+    assert cli.main(["recipes", "--recipe-file", str(recipes)]) == 2  # the same file through another verb
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_every_recipe_of_a_wide_space_is_resolved(capsys, tmp_path):
+    """A broken recipe listed last is found although a wide numeric range (LoRA rank 1..1000) comes
+    with it: numeric ranges are checked at their ends, not enumerated (nor truncated)."""
+    recipes = _file(tmp_path, "late_bad: {roles: [llm.attn.q], layers: '9-10'}\n", name="recipes.yaml")
+    path = _file(tmp_path, BASE.replace("search_space: {recipe: sa_proj, lr: 1.0e-3}",
+                                        "search_space: {recipe: {choice: [lora, sa_proj, late_bad]}, lr: 1.0e-3, "
+                                        "lora_rank: {randint: [1, 1000]}}") + f"recipes_file: {recipes}\nstorage: {tmp_path}\n")
+    rc, _, err = _run(capsys, "validate", path)
+    assert rc == 2 and "recipe=late_bad" in err and "outside the model" in err, err
+
+
+@pytest.mark.parametrize("storage,expect", [("/proc/lmm_ray_runs", "cannot write the sweep folder"),
+                                            ("FILE", "is a file")])
+def test_storage_that_cannot_hold_the_sweep_is_refused(capsys, tmp_path, storage, expect):
+    if storage == "FILE":
+        (tmp_path / "f").write_text("x")
+        storage = str(tmp_path / "f")
+    rc, _, err = _run(capsys, "validate", SMOKE, f"storage={storage}")
+    assert rc == 2 and err.startswith("lmm-ray validate: error: storage:") and expect in err and "fix:" in err
+
+
+def test_a_second_sweep_of_the_same_name_is_refused_while_one_runs(capsys, tmp_path):
+    folder = tmp_path / "smoke"
+    folder.mkdir()
+    with open(folder / ".lock", "a+") as held:  # what a running `lmm-ray sweep` holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 4242 on elsewhere")
+        held.flush()
+        rc, _, err = _run(capsys, "sweep", SMOKE, f"storage={tmp_path}")
+    assert rc == 2 and "is running now (pid 4242 on elsewhere)" in err and "name=" in err
+
+
+def test_no_password_is_printed_written_or_logged(capsys, tmp_path):
+    from lmm_ray import config, tracking
+
+    uri = "postgresql://alice:hunter2secret@127.0.0.1:1/mlflow"
+    rc, out, err = _run(capsys, "validate", SMOKE, f"storage={tmp_path}", f"tracking.mlflow_uri={uri}")
+    assert rc == 2 and "alice:***@127.0.0.1" in err and "hunter2secret" not in out + err
+    cfg = config.load_sweep(SMOKE, [f"storage={tmp_path}", f"tracking.mlflow_uri={uri}"])
+    assert cfg.mlflow_uri == uri  # the run itself still uses it
+    public = cfg.public_dict()  # sweep.json and the MLflow params are made from this
+    assert "hunter2secret" not in json.dumps(public) and "alice:***@" in json.dumps(public)
+    assert not any("hunter2secret" in str(v) for v in tracking._flat(public, "sweep.").values())
+    with pytest.raises(ConnectionError) as e:
+        tracking.check_reachable("http://bob:pa55word@127.0.0.1:9")
+    assert "pa55word" not in str(e.value) and "bob:***@" in str(e.value)
