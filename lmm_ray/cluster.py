@@ -43,9 +43,10 @@ def alive_nodes() -> list[dict]:
 # Resources
 
 
-# The trial function only waits on its TorchTrainer; a sliver of a CPU lets Ray schedule it
-# (0 is refused) without holding a core that a training worker needs.
-TRIAL_DRIVER_RESOURCES = {"CPU": 0.01}
+# The trial function only waits on its TorchTrainer. Ray refuses an empty resource request, and a
+# sliver of a CPU (0.01, as before) makes two 1-CPU trials need 2.02 CPUs of a 2-CPU machine, so
+# they never ran at once. One byte of `memory`, a resource every Ray node has, holds no core.
+TRIAL_DRIVER_RESOURCES = {"memory": 1}
 
 
 def worker_bundle(resources) -> dict[str, float]:
@@ -179,7 +180,8 @@ def check_cluster_resources(cfg, *, wait_s: float = NODE_WAIT_S) -> None:
     why = f"no node has {need} for a single worker" if biggest == 0 else f"at most {have} such workers fit"
     raise ClusterError(
         "resources.num_workers",
-        f"a trial needs {r.num_workers} workers x ({need}) plus {driver:g} CPU for its driver, but on this cluster "
+        f"a trial needs {r.num_workers} workers x ({need})" + (f" plus {driver:g} CPU for its driver" if driver else "")
+        + ", but on this cluster "
         f"{why}{' (even at its autoscaling limits)' if groups is not None else ''}. Nodes: {_describe(nodes) or 'none'}",
         "lower resources.num_workers, resources.cpus_per_worker or resources.gpus_per_worker, or give the cluster "
         "more or larger nodes (ray up: available_node_types.*.max_workers; KubeRay: workerGroupSpecs replicas). "

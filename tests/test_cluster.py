@@ -260,8 +260,7 @@ def _smoke(tmp_path: Path, *extra: str):
 
 def test_sweep_runs_on_two_nodes(two_nodes, tmp_path):
     """Two trials at once, one Train worker each. A worker takes 0.6 CPU, so a 1-CPU node holds one
-    worker (plus the trial drivers' 0.01 CPU slivers): the two workers must use both nodes.
-    (With 1 CPU per worker they could not: the first driver's sliver leaves its node 0.99 CPU.)"""
+    worker: the two workers must use both nodes (the trial drivers hold no CPU)."""
     import ray
     from ray.util.state import list_actors
 
@@ -298,14 +297,16 @@ def test_check_resources_on_the_cluster(connected, tmp_path, monkeypatch, capsys
     from lmm_ray import cluster, config
 
     ok = [("resources.num_workers=2", "resources.cpus_per_worker=0.6"),  # one worker per node
-          ("resources.num_workers=1", "resources.cpus_per_worker=0.99")]
+          ("resources.num_workers=1", "resources.cpus_per_worker=0.99"),
+          # the trial driver holds no CPU (cluster.TRIAL_DRIVER_RESOURCES): both nodes whole for 2 x 1 CPU
+          ("resources.num_workers=2", "resources.cpus_per_worker=1"),
+          ("resources.num_workers=4", "resources.cpus_per_worker=0.5")]
     for overrides in ok:
         cluster.check_cluster_resources(_smoke(tmp_path, *overrides))
 
     bad = {
-        # 2 x 1 CPU needs both nodes whole, but the trial driver takes 0.01 CPU of one: never schedulable
-        ("resources.num_workers=2", "resources.cpus_per_worker=1"): "at most 1 such workers fit",
-        ("resources.num_workers=4", "resources.cpus_per_worker=0.5"): "at most 3 such workers fit",
+        ("resources.num_workers=3", "resources.cpus_per_worker=1", "train.batch_size=9"): "at most 2 such workers fit",
+        ("resources.num_workers=5", "resources.cpus_per_worker=0.5", "train.batch_size=10"): "at most 4 such workers fit",
         ("resources.num_workers=1", "resources.cpus_per_worker=2"): "no node has 2 CPU for a single worker",
         ("resources.num_workers=1", "resources.gpus_per_worker=1"): "no node has 1 CPU + 1 GPU",
     }
@@ -320,7 +321,8 @@ def test_check_resources_on_the_cluster(connected, tmp_path, monkeypatch, capsys
     # Nodes may still be joining: it waits (here 1 s) before it gives up.
     t0 = time.monotonic()
     with pytest.raises(cluster.ClusterError):
-        cluster.check_cluster_resources(_smoke(tmp_path, "resources.num_workers=4", "resources.cpus_per_worker=0.5"), wait_s=1)
+        cluster.check_cluster_resources(_smoke(tmp_path, "resources.num_workers=5", "resources.cpus_per_worker=0.5",
+                                               "train.batch_size=10"), wait_s=1)
     assert time.monotonic() - t0 >= 1
     assert "waiting up to 1 s for nodes to join" in capsys.readouterr().err
 
