@@ -187,7 +187,12 @@ def _reference(a, d: Path) -> dict:
     from lmm_ray import results
 
     saved = d / "sweep.json"
-    ref = results.reference(json.loads(saved.read_text()).get("objective", {}) if saved.is_file() else {})
+    if Path(a.sweep).is_file():
+        from lmm_ray import config
+
+        ref = results.reference(config.load_sweep(a.sweep).objective)
+    else:
+        ref = results.reference(json.loads(saved.read_text()).get("objective", {}) if saved.is_file() else {})
     for item in filter(None, (a.reference or "").split(",")):
         key, eq, value = item.partition("=")
         if not eq or key.strip() not in ref:
@@ -250,8 +255,6 @@ def cmd_train(a) -> int:
 
 
 def cmd_ui(a) -> int:
-    import subprocess
-
     from lmm_ray import config, ui
 
     if a.sweep and Path(a.sweep).is_file():
@@ -275,7 +278,7 @@ def cmd_ui(a) -> int:
     for line in ui.urls_text(base, exp_id, parent):
         print("  " + line, flush=True)
     env = dict(os.environ) if a.full else {**os.environ, **ui.LEAN_ENV}
-    return subprocess.call(ui.server_argv(uri, a.port, workers=4 if a.full else 1), env=env)
+    return ui.serve(ui.server_argv(uri, a.port, workers=4 if a.full else 1), env)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Start the MLflow UI on a sweep's tracking store and print the URL of its runs "
                                    "table (one run per trial, nested under the sweep's run, whose description holds the "
                                    "results and the Pareto front). Refuses (exit 2) when the port is taken. Runs MLflow "
-                                   "lean (one web worker, no job runner: ~0.5 GB instead of ~3 GB).")
+                                   "lean (one web worker, no job runner: ~0.5 GB instead of 2-3 GB).")
     u.add_argument("sweep", nargs="?", help="sweep file, sweep name, or the sweep's storage folder (e.g. runs/quickstart)")
     u.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default 5000)")
     u.add_argument("--full", action="store_true", help="MLflow's own defaults (4 web workers, job execution)")

@@ -37,8 +37,12 @@ PARETO_TAG, PICK_TAG = "pareto_optimal", "pick"
 
 
 def client(uri: str):
+    import logging
+
     from mlflow.tracking import MlflowClient
 
+    # "Creating initial MLflow database tables..." at INFO when a sweep's sqlite store is new
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     return MlflowClient(tracking_uri=uri)
 
 

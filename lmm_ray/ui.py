@@ -4,7 +4,7 @@ the direct URL of the runs table), the command that opens it, and the Optuna das
 MLflow 3 opens an experiment in its GenAI view ("Traces"); the runs table is the experiment's
 `runs` page with `?workflowType=machine_learning`, and the experiment is tagged as a model
 development one (tracking.experiment_id), so the UI shows runs first. A default `mlflow server`
-takes ~3 GB of memory (job execution workers, 4 web workers); `LEAN_ENV` and one worker keep it
+takes ~2-3 GB of memory (job execution workers, 4 web workers); `LEAN_ENV` and one worker keep it
 near 0.5 GB.
 """
 
@@ -83,6 +83,18 @@ def sweep_ids(uri: str, experiment: str, sweep: str) -> tuple[str | None, str | 
 def server_argv(uri: str, port: int, host: str = HOST, workers: int = 1) -> list[str]:
     return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port),
             "--workers", str(workers)]
+
+
+def serve(argv: list[str], env: dict) -> int:
+    """Become the MLflow server (exec: this process's own ~0.3 GB of imports is not kept alive
+    beside it); where exec is not available, run it as a child and wait."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if hasattr(os, "execve") and os.name == "posix":
+        os.execve(argv[0], argv, env)
+    import subprocess
+
+    return subprocess.call(argv, env=env)
 
 
 def urls_text(base: str, experiment_id: str | None, parent_id: str | None) -> list[str]:

@@ -191,11 +191,11 @@ def _sweep_folder(tmp_path):
 
 
 def test_ui_prints_the_runs_table_url_and_runs_mlflow_lean(tmp_path, monkeypatch, capsys):
-    import subprocess
+    from lmm_ray import ui
 
     d, uri, parent = _sweep_folder(tmp_path)
     calls = []
-    monkeypatch.setattr(subprocess, "call", lambda argv, env=None: calls.append((argv, env)) or 0)
+    monkeypatch.setattr(ui, "serve", lambda argv, env: calls.append((argv, env)) or 0)
     assert cli.main(["ui", str(d), "--port", "5987"]) == 0
     out = capsys.readouterr().out
     exp = tracking.client(uri).get_experiment_by_name("sw")
@@ -209,10 +209,10 @@ def test_ui_prints_the_runs_table_url_and_runs_mlflow_lean(tmp_path, monkeypatch
 
 
 def test_ui_refuses_a_busy_port(tmp_path, monkeypatch, capsys):
-    import subprocess
+    from lmm_ray import ui
 
     d, _, _ = _sweep_folder(tmp_path)
-    monkeypatch.setattr(subprocess, "call", lambda *a, **k: pytest.fail("started MLflow on a busy port"))
+    monkeypatch.setattr(ui, "serve", lambda *a, **k: pytest.fail("started MLflow on a busy port"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
