@@ -43,8 +43,9 @@ def worker_env() -> dict:
     node drains, which a trial does not use; and progress bars of Hugging Face loads (transformers'
     "Loading weights", hub downloads) reach the driver through Ray's log forwarding line by line.
     """
-    env = {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false",
-           "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    env = {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false",  # below: a user's own setting wins
+           "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0"),
+           "HF_HUB_DISABLE_PROGRESS_BARS": os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "1")}
     for k in ("LMM_RAY_CACHE", "HF_HOME", "HF_HUB_OFFLINE"):
         if k in os.environ:
             env[k] = os.environ[k]
