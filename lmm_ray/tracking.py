@@ -380,7 +380,7 @@ def log_summary(uri: str, parent_id: str, files, description: str, metrics: dict
     c = client(uri)
     have = c.get_run(parent_id).data
     for k, v in metrics.items():
-        v = float(v)
+        v = readable(float(v))
         if math.isfinite(v) and not (k in have.metrics and math.isclose(have.metrics[k], v, rel_tol=1e-9, abs_tol=1e-12)):
             c.log_metric(parent_id, k, v)
     for k, v in {**tags, NOTE: description}.items():

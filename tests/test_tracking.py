@@ -202,7 +202,7 @@ def test_ui_prints_the_runs_table_url_and_runs_mlflow_lean(tmp_path, monkeypatch
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on runs, not GenAI traces
     table = f"http://127.0.0.1:5987/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning&searchFilter="
     assert f"runs table: {table}" in out, out
-    assert f"sweep run:  http://127.0.0.1:5987/#/experiments/{exp.experiment_id}/runs/{parent}" in out
+    assert f"sweep run:  http://127.0.0.1:5987/#/experiments/{exp.experiment_id}/runs/{parent}?workflowType=machine_learning" in out
     (argv, env), = calls
     assert argv[argv.index("--backend-store-uri") + 1] == uri and argv[argv.index("--port") + 1] == "5987"
     assert argv[argv.index("--workers") + 1] == "1" and env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
