@@ -158,8 +158,21 @@ def picks(res: pd.DataFrame) -> dict[str, str]:
     return {how: str(pareto.pick(res, how)["trial_id"]) for how in pareto.PICKS}
 
 
-def describe(cfg, res: pd.DataFrame, front: pd.DataFrame, chosen: dict[str, str], names: dict[str, str]) -> str:
-    """The sweep's result as markdown (the parent run's description in MLflow). `names`: trial id
+def _rows_within(table: str, budget: int, what: str) -> str:
+    """A markdown table cut to its first rows that fit in `budget` characters, saying what was cut."""
+    lines = table.split("\n")
+    keep = lines[:2]
+    for row in lines[2:]:
+        if sum(len(x) + 1 for x in keep) + len(row) + 80 > budget:
+            return "\n".join(keep) + f"\n\n({len(lines) - len(keep)} more {what}: see {RESULTS_FILE} in the artifacts)"
+        keep.append(row)
+    return table
+
+
+def describe(cfg, res: pd.DataFrame, front: pd.DataFrame, chosen: dict[str, str], names: dict[str, str],
+             limit: int = 8000) -> str:
+    """The sweep's result as markdown (the parent run's description in MLflow), within `limit`
+    characters (MLflow's longest tag value): long tables keep their first rows. `names`: trial id
     -> MLflow run name."""
     counts = ", ".join(f"{n} {s}" for s, n in res["status"].value_counts().items())
     ref = reference(cfg.objective)
@@ -172,10 +185,13 @@ def describe(cfg, res: pd.DataFrame, front: pd.DataFrame, chosen: dict[str, str]
         lines.append("Picks: " + "; ".join(f"**{how}** = {names.get(t, t)} (trial `{t}`)" for how, t in chosen.items()) + ".")
         lines += ["Trial runs carry the tags `pareto_optimal` (true/false) and `pick`; filter the runs table "
                   "with `tags.pareto_optimal = 'true'`.", ""]
-    lines += [pareto.format_markdown(front) if len(front) else "(no finished trial)", "", "### All trials", ""]
+    head = "\n".join(lines)
+    on_front = pareto.format_markdown(front) if len(front) else "(no finished trial)"
+    on_front = _rows_within(on_front, (limit - len(head)) * 2 // 3, "Pareto-optimal trials")
+    head += "\n" + on_front + "\n\n### All trials (best objective first)\n\n"
     shown = res.assign(_unfinished=res["status"] != "finished").sort_values(["_unfinished", "objective"], ascending=[True, False])
-    lines.append(pareto.format_markdown(shown.drop(columns="_unfinished"), front_ids=set(front["trial_id"])))
-    return "\n".join(lines)
+    table = pareto.format_markdown(shown.drop(columns="_unfinished"), front_ids=set(front["trial_id"]))
+    return head + _rows_within(table, limit - len(head), "trials")
 
 
 def finished_best(res: pd.DataFrame) -> pd.Series:

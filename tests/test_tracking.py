@@ -233,3 +233,18 @@ def test_cli_help_is_written_for_users():
         assert verb.description, name
         for action in verb._actions:
             assert action.help, (name, action.option_strings or action.dest)
+
+
+def test_description_fits_in_an_mlflow_tag():
+    from lmm_ray import config
+
+    cfg = config.load_sweep(SMOKE)
+    n = 300
+    res = pd.DataFrame({"trial_id": [f"t{i:05d}" for i in range(n)], "status": "finished", "recipe": "mlp_gate_up",
+                        "lr": 1e-4, "learning": range(n), "target_forgetting": 0.0, "heldout_change": [-i for i in range(n)],
+                        "counting_bias": 0.1, "objective": 1.0, "optuna_trial": range(n)})
+    front = pareto.front(res)
+    assert len(front) == n  # every trial trades learning for held-out change: all on the front
+    text = results.describe(cfg, res, front, results.picks(res), {})
+    assert len(text) <= 8000 and "more Pareto-optimal trials: see results.csv" in text and "more trials" in text
+    assert "### All trials" in text
