@@ -325,3 +325,22 @@ def test_one_colour_per_recipe_in_both_plots(tmp_path):
     out = plot_stages(stage_table(), ["a", "b"], ["sa_proj lr=1e-4", "mlp_gate_up lr=1e-4"], tmp_path / "s.png",
                       colours=[colours["sa_proj"], colours["mlp_gate_up"]], title="the 2 Pareto-optimal trials of 7")
     assert_png(out)
+
+
+def test_cli_pareto_prints_ids_and_the_reference(tmp_path, capsys):
+    import json
+
+    from lmm_ray import cli
+
+    table().assign(optuna_trial=range(7)).to_csv(tmp_path / "results.csv", index=False)
+    stage_table().to_csv(tmp_path / "stages.csv", index=False)
+    (tmp_path / "sweep.json").write_text(json.dumps({"name": "x", "objective": {"reference_heldout_change": -30.0}}))
+    assert cli.main(["pareto", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[1].split()[:3] == ["*", "trial", "optuna"]
+    assert "reference point (learning 0, held-out change -30, counting bias +0.2" in out  # the sweep's, printed
+    assert cli.main(["pareto", str(tmp_path), "--json", "--reference", "heldout_change=-50"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["reference"] == {"learning": 0.0, "heldout_change": -50.0, "counting_bias": 0.2}
+    assert got["hypervolume"] == pytest.approx(front_hypervolume(table(), ref=got["reference"])) and got["hypervolume"] > 0
+    assert cli.main(["pareto", str(tmp_path), "--reference", "bias=1"]) == 2
