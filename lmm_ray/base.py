@@ -167,6 +167,26 @@ def ensure(ref: str, *, force: bool = False, quiet: bool = False) -> Path:
     return path
 
 
+class _EveryTenth:
+    """Progress for a log rather than a terminal (a redirected stderr, a Ray worker whose output
+    reaches the driver line by line): one line per 10 % of the steps instead of a bar per update."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.total, self.desc, self.enabled = total, desc, enabled
+        self.n, self.next, self.t0 = 0, max(1, round(total / 10)), time.time()
+
+    def step(self, loss: float) -> None:
+        self.n += 1
+        if self.enabled and (self.n >= self.next or self.n == self.total):
+            print(f"{self.desc}: {100 * self.n // self.total}% ({self.n}/{self.total} steps), loss {loss:.3f}, "
+                  f"{time.time() - self.t0:.0f} s", file=sys.stderr, flush=True)
+            while self.next <= self.n:
+                self.next += max(1, round(self.total / 10))
+
+    def close(self) -> None:
+        pass
+
+
 def build(family: str, preset: str, path: Path, progress: bool = True) -> dict:
     """Pre-train and save. Writes into a temporary folder and renames it into place when complete."""
     import torch
@@ -185,10 +205,15 @@ def build(family: str, preset: str, path: Path, progress: bool = True) -> dict:
         n = round(p.n_per_skill * weights.get(name, 1.0))
         pool += skills.generate(name, n, seed=p.seed + 1, image_size=p.size.image_size)
     encs = data.encode_train(loaded.processor, pool)
-    bar = tqdm(total=p.steps, desc=f"base:{family}@{preset}", unit="step", disable=not progress, file=sys.stderr, mininterval=2)
+    desc = f"base:{family}@{preset}"
+    if sys.stderr.isatty():  # a bar that updates in place
+        bar = tqdm(total=p.steps, desc=desc, unit="step", disable=not progress, file=sys.stderr, mininterval=2)
+        on_step = lambda s, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}", refresh=False))  # noqa: E731
+    else:
+        bar = _EveryTenth(p.steps, desc, progress)
+        on_step = lambda s, loss: bar.step(loss)  # noqa: E731
     stats = train_stage(loaded.model, encs, steps=p.steps, lr=p.lr, batch_size=p.batch_size, pad_id=loaded.tokenizer.pad_token_id,
-                        seed=p.seed, stage=0, warmup_ratio=p.warmup_ratio, weight_decay=p.weight_decay,
-                        on_step=lambda s, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}", refresh=False)))
+                        seed=p.seed, stage=0, warmup_ratio=p.warmup_ratio, weight_decay=p.weight_decay, on_step=on_step)
     bar.close()
     train_seconds = time.time() - t0
     loaded.model.eval()

@@ -1,7 +1,8 @@
 """`lmm-ray` verbs. Thin: parse arguments, call the module that owns the work, print.
 
 Errors a user can fix (bad config, unknown recipe, missing file) print one clear message and
-exit with code 2, before anything expensive starts.
+exit with code 2, before anything expensive starts. The help texts below are the user's manual
+(`lmm-ray --help`, `lmm-ray VERB --help`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,24 @@ from lmm_ray.errors import ResultsNotFound, UserError
 from lmm_ray.schema import mask_secrets
 
 EXIT_USAGE = 2
+
+DESCRIPTION = """\
+Find how to fine-tune a multimodal model on new skills without erasing what it knows:
+sweep fine-tuning recipes (which parameters to train, learning rate, ...) and keep the
+Pareto-optimal ones (learning up, held-out change up, counting bias down).
+
+The flow:
+  lmm-ray validate sweeps/quickstart.yaml     check a sweep file (model, recipes, data, resources)
+  lmm-ray sweep sweeps/quickstart.yaml        run it: every trial trains, is evaluated, logged to MLflow
+  lmm-ray pareto runs/quickstart              the Pareto-optimal trials; --export choice.yaml keeps one
+  lmm-ray ui runs/quickstart                  browse the trials in the MLflow UI
+  lmm-ray train sweeps/quickstart.yaml --choice choice.yaml --output trained/
+                                              train the chosen recipe, save a normal model folder
+
+Also: recipes (what each recipe trains), eval (score a model), base (the embedded base model),
+score (re-score saved predictions). `lmm-ray VERB --help` explains each verb; every sweep-file
+key is in docs/sweep_config.md.
+"""
 
 def _fmt_int(n: int) -> str:
     return f"{n:,}"
@@ -164,6 +183,28 @@ def _sweep_dir(ref: str) -> "Path":
     raise UserError(f"no sweep at {ref!r}: give a sweep file, a storage folder, or the name of a sweep under ./runs")
 
 
+def _reference(a, d: Path) -> dict:
+    """The hypervolume's reference point: --reference, else the sweep's objective.reference_*."""
+    from lmm_ray import results
+
+    saved = d / "sweep.json"
+    if Path(a.sweep).is_file():
+        from lmm_ray import config
+
+        ref = results.reference(config.load_sweep(a.sweep).objective)
+    else:
+        ref = results.reference(json.loads(saved.read_text()).get("objective", {}) if saved.is_file() else {})
+    for item in filter(None, (a.reference or "").split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or key.strip() not in ref:
+            raise UserError(f"--reference {a.reference!r}: write KEY=VALUE pairs with keys {', '.join(ref)}")
+        try:
+            ref[key.strip()] = float(value)
+        except ValueError:
+            raise UserError(f"--reference: {value!r} is not a number") from None
+    return ref
+
+
 def cmd_pareto(a) -> int:
     from lmm_ray import pareto, results
 
@@ -182,13 +223,15 @@ def cmd_pareto(a) -> int:
                             f"({mask_secrets(cfg.mlflow_uri)})")
         print(f"# {d} has no results.csv: read {len(res)} trials from MLflow", file=sys.stderr)
     front = pareto.front(res)
+    ref = _reference(a, d)
     if a.json:
-        print(json.dumps({"front": json.loads(front.to_json(orient="records")), "hypervolume": pareto.front_hypervolume(res),
-                          "trials": len(res)}, indent=1))
+        print(json.dumps({"front": json.loads(front.to_json(orient="records")), "hypervolume": pareto.front_hypervolume(res, ref=ref),
+                          "reference": ref, "trials": len(res)}, indent=1))
     else:
-        print(f"# {d}: {len(res)} trials; * = Pareto-optimal (learning up, held-out change up, counting bias down)")
+        print(f"# {d}: {len(res)} trials; * = Pareto-optimal (learning up, held-out change up, counting bias down); "
+              "trial = Tune's id (MLflow tag lmm_ray.trial_id), optuna = Optuna's trial number (the run name's #)")
         print(pareto.format_table(res.sort_values("objective", ascending=False), front_ids=set(front["trial_id"])))
-        print(f"\n{results.hypervolume_note(res)}")
+        print(f"\n{results.hypervolume_note(res, ref)}")
     if a.plot:
         print(f"plot: {pareto.plot_tradeoff(res, a.plot)}", file=sys.stderr)
     if a.export:
@@ -234,39 +277,54 @@ def cmd_train(a) -> int:
 
 
 def cmd_ui(a) -> int:
-    import subprocess
-
-    from lmm_ray import config
+    from lmm_ray import config, ui
 
     if a.sweep and Path(a.sweep).is_file():
-        uri = config.load_sweep(a.sweep).mlflow_uri
+        cfg = config.load_sweep(a.sweep)
+        uri, experiment, name = cfg.mlflow_uri, cfg.experiment, cfg.name
     else:
         d = _sweep_dir(a.sweep) if a.sweep else None
         if d is None or not (d / "mlflow.db").exists():
-            raise UserError("give a sweep file or the folder of a sweep that uses the default sqlite store")
+            raise UserError("give a sweep file, or the folder of a sweep that uses the default sqlite store "
+                            "(e.g. lmm-ray ui runs/quickstart)")
         uri = f"sqlite:///{(d / 'mlflow.db').resolve()}"
-    print(f"MLflow UI for {uri} at http://127.0.0.1:{a.port} (Ctrl-C to stop)", flush=True)
-    return subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(a.port)])
+        saved = json.loads((d / "sweep.json").read_text()) if (d / "sweep.json").is_file() else {}
+        name = saved.get("name", d.name)
+        experiment = (saved.get("tracking") or {}).get("experiment") or name
+    if ui.port_busy(a.port):
+        raise UserError(f"port {a.port} on {ui.HOST} is already in use (an MLflow UI started before is still "
+                        f"running?): open it in the browser, stop it, or pick another port: --port {a.port + 1}")
+    exp_id, parent = ui.sweep_ids(uri, experiment, name)
+    base = ui.base_url(a.port)
+    print(f"MLflow UI for sweep {name!r} ({uri}); Ctrl-C to stop", flush=True)
+    for line in ui.urls_text(base, exp_id, parent):
+        print("  " + line, flush=True)
+    env = dict(os.environ) if a.full else {**os.environ, **ui.LEAN_ENV}
+    return ui.serve(ui.server_argv(uri, a.port, workers=4 if a.full else 1), env)
 
 
 # ---------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lmm-ray", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p = argparse.ArgumentParser(prog="lmm-ray", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="VERB", title="verbs")
 
-    r = sub.add_parser("recipes", help="trainable parameters of every recipe, per role")
+    r = sub.add_parser("recipes", help="trainable parameters of every recipe, per role",
+                       description="Show which parameters each recipe trains: the count per role (attention "
+                                   "projections, MLP, vision tower, ...) and the share of the model.")
     g = r.add_mutually_exclusive_group()
     g.add_argument("--family", default="qwen2_5_vl", help="tiny model of this family (default qwen2_5_vl)")
     g.add_argument("--model", help="a model reference: hub id, local folder, tiny:<family>, base:<family>")
-    r.add_argument("--recipe", action="append", help="only this recipe (repeatable)")
+    r.add_argument("--recipe", action="append", metavar="NAME", help="only this recipe (repeatable)")
     r.add_argument("--recipe-file", help="YAML file of user-defined recipes to include")
     r.add_argument("--json", action="store_true", help="print {recipe: {trainable, total, roles}} as JSON")
     r.add_argument("--compact", action="store_true", help=argparse.SUPPRESS)
     r.set_defaults(fn=cmd_recipes)
 
-    e = sub.add_parser("eval", help="accuracy per generated skill (pp) and the counting-bias probe")
+    e = sub.add_parser("eval", help="accuracy per generated skill (pp) and the counting-bias probe",
+                       description="Evaluate one model on the generated skills: accuracy per skill in percentage "
+                                   "points, and the probe statistics (probability mass on number tokens, entropy).")
     e.add_argument("--model", required=True, help="hub id, local folder, tiny:<family>, base:<family>")
     e.add_argument("--skills", help="comma-separated skill names (default: every generated target and held-out skill)")
     e.add_argument("--n", type=int, default=64, help="samples per skill (default 64)")
@@ -276,43 +334,64 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help='print one JSON object {"model", "n", "metrics"}')
     e.set_defaults(fn=cmd_eval)
 
-    b = sub.add_parser("base", help="build (or locate) the embedded base model")
-    b.add_argument("action", choices=["build", "path"])
-    b.add_argument("--family", default="qwen2_5_vl")
+    b = sub.add_parser("base", help="build (or locate) the embedded base model",
+                       description="The embedded base model (base:<family>@<preset>): a tiny model pre-trained on the "
+                                   "held-out skills, cached in ~/.cache/lmm_ray. `build` trains it if missing (minutes on "
+                                   "a CPU); `path` prints where it is and whether it is ready.")
+    b.add_argument("action", choices=["build", "path"], help="build: train it if not cached; path: print its folder")
+    b.add_argument("--family", default="qwen2_5_vl", help="model family (default qwen2_5_vl)")
     b.add_argument("--preset", help="quickstart | ci (default: the family's first preset)")
     b.add_argument("--force", action="store_true", help="rebuild even when cached")
     b.set_defaults(fn=cmd_base)
 
     def sweep_args(q, resume: bool = False):
-        q.add_argument("sweep", help="sweep YAML file")
+        q.add_argument("sweep", help="sweep YAML file (docs/sweep_config.md)")
         q.add_argument("overrides", nargs="*", help="key=value overrides, e.g. search.num_trials=4 stages.0.steps=50")
         q.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
 
-    v = sub.add_parser("validate", help="check a sweep file (and its model, recipes, data, resources) and print the plan")
+    v = sub.add_parser("validate", help="check a sweep file (and its model, recipes, data, resources) and print the plan",
+                       description="Run every check that can fail before Ray starts: the file's keys and values, the "
+                                   "model's configuration, every recipe the search space can produce, data files, "
+                                   "resources, the MLflow server. Prints the plan; exit 2 with the fix on a problem.")
     sweep_args(v)
     v.add_argument("--offline", action="store_true", help="model configuration only: no weights, no network")
     v.add_argument("--check-data", action="store_true",
                    help="also read each hub dataset's schema (features only, no images; needs the network)")
     v.set_defaults(fn=cmd_validate)
 
-    sw = sub.add_parser("sweep", help="run a sweep: Optuna on Ray Tune, trials on Ray Train, MLflow tracking")
+    sw = sub.add_parser("sweep", help="run a sweep: Optuna on Ray Tune, trials on Ray Train, MLflow tracking",
+                        description="Validate, then run the sweep: Optuna proposes recipes, each trial trains through "
+                                    "the stages on Ray Train and is evaluated after each; every trial is a run in MLflow. "
+                                    "Ends with the results and Pareto tables, where they are (storage/<name>), the MLflow "
+                                    "UI's URL and the Optuna dashboard's command.")
     sweep_args(sw)
     sw.add_argument("--resume", action="store_true", help="continue an interrupted sweep (finished trials are kept)")
     sw.set_defaults(fn=cmd_sweep)
 
-    pa = sub.add_parser("pareto", help="the Pareto-optimal trials of a sweep, with plot and recipe export")
+    pa = sub.add_parser("pareto", help="the Pareto-optimal trials of a sweep, with plot and recipe export",
+                        description="Print a sweep's trials with the Pareto-optimal ones marked (learning up, held-out "
+                                    "change up, counting bias down) and the front's hypervolume against a reference "
+                                    "point; optionally plot them and export one trial's recipe for `lmm-ray train`.")
     pa.add_argument("sweep", help="sweep file, sweep name, or the sweep's storage folder")
-    pa.add_argument("--json", action="store_true")
-    pa.add_argument("--plot", help="write the learning vs held-out change scatter to this PNG")
-    pa.add_argument("--export", help="write the picked trial as a recipe YAML (usable as a search space)")
-    pa.add_argument("--pick", default="knee", choices=["knee", "max-learning", "min-forgetting"])
+    pa.add_argument("--json", action="store_true", help="print the front, its hypervolume and reference point as JSON")
+    pa.add_argument("--plot", metavar="PNG", help="write the learning vs held-out change scatter to this PNG")
+    pa.add_argument("--export", metavar="YAML", help="write the picked trial as a recipe YAML (usable as a search space "
+                                                     "and as `lmm-ray train --choice`)")
+    pa.add_argument("--pick", default="knee", choices=["knee", "max-learning", "min-forgetting"],
+                    help="which front trial --export writes: knee = the most balanced (default), max-learning, "
+                         "min-forgetting (highest held-out change)")
+    pa.add_argument("--reference", metavar="K=V,...",
+                    help="hypervolume reference point, e.g. learning=0,heldout_change=-50,counting_bias=0.2 (default: "
+                         "the sweep's objective.reference_*); use one reference to compare sweeps")
     pa.set_defaults(fn=cmd_pareto)
 
-    t = sub.add_parser("train", help="train one chosen configuration through all stages and save the full model")
+    t = sub.add_parser("train", help="train one chosen configuration through all stages and save the full model",
+                       description="Train the recipe picked from a sweep (`lmm-ray pareto --export choice.yaml`) through "
+                                   "the sweep's stages and save the whole model as a save_pretrained folder.")
     t.add_argument("sweep", help="sweep YAML file (model, stages, evaluation)")
     t.add_argument("--choice", required=True, help="the picked trial's values, as `lmm-ray pareto --export` writes them")
     t.add_argument("--output", required=True, help="folder for the trained model (save_pretrained)")
-    t.add_argument("overrides", nargs="*")
+    t.add_argument("overrides", nargs="*", help="key=value overrides of the sweep file, e.g. stages.0.steps=200")
     t.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     t.set_defaults(fn=cmd_train)
 
@@ -331,7 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("--json", action="store_true", help='print an object with "per_gpu_gib", "parts" (bytes) and "parts_gib"')
     me.set_defaults(fn=cmd_memory)
 
-    sc = sub.add_parser("score", help="re-score a saved predictions JSONL file with a named metric")
+    sc = sub.add_parser("score", help="re-score a saved predictions JSONL file with a named metric",
+                        description="Score saved predictions with one of the benchmark metrics (lmm_ray/metrics.py), "
+                                    "without a model.")
     sc.add_argument("predictions", help="JSONL, one {prediction, answers, [choices], [category]} object a line")
     sc.add_argument("--metric", "-m", required=True,
                     help="exact, choice, anls, relaxed, vqa, clock, number, pathvqa_exact, ... (lmm_ray/metrics.py)")
@@ -339,9 +420,14 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--json", action="store_true", help='print {"metric", "score" (pp, 0-100), "n", "by_category", ...}')
     sc.set_defaults(fn=cmd_score)
 
-    u = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for a sweep")
-    u.add_argument("sweep", nargs="?", help="sweep file or storage folder")
-    u.add_argument("--port", type=int, default=5000)
+    u = sub.add_parser("ui", help="open a sweep's runs in the MLflow UI (on 127.0.0.1)",
+                       description="Start the MLflow UI on a sweep's tracking store and print the URL of its runs "
+                                   "table (one run per trial, nested under the sweep's run, whose description holds the "
+                                   "results and the Pareto front). Refuses (exit 2) when the port is taken. Runs MLflow "
+                                   "lean (one web worker, no job runner: ~0.5 GB instead of 2-3 GB).")
+    u.add_argument("sweep", nargs="?", help="sweep file, sweep name, or the sweep's storage folder (e.g. runs/quickstart)")
+    u.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default 5000)")
+    u.add_argument("--full", action="store_true", help="MLflow's own defaults (4 web workers, job execution)")
     u.set_defaults(fn=cmd_ui)
     return p
 

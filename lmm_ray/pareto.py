@@ -1,8 +1,10 @@
 """Pareto front of a sweep's results, its hypervolume, a pick, a report, plots, recipe export.
 
 The objective vector is (learning up, held-out change up, counting bias down); all three are
-changes from the base model, so the base is the reference point (0, 0, 0): a recipe only adds
-hypervolume where it beats the untouched model on every objective.
+changes from the base model. The hypervolume is measured against a reference point the user
+chooses (the sweep file's `objective.reference_*`: the worst trial still acceptable, by default
+no learning, -50 pp held-out change, +0.2 counting bias): a recipe only adds volume where it is
+better than that point on every objective, so two sweeps of one space compare by their volumes.
 """
 
 from __future__ import annotations
@@ -113,10 +115,20 @@ def front(results: pd.DataFrame, objectives=OBJECTIVES) -> pd.DataFrame:
 
 
 def front_hypervolume(results: pd.DataFrame, objectives=OBJECTIVES, ref=None) -> float:
-    """Hypervolume of the front against the base model, (0, 0, 0) unless `ref` says otherwise."""
+    """Hypervolume of the front against `ref`: a sequence in objective order or a mapping
+    {objective: value}; None is the base model itself, (0, 0, 0)."""
     f = front(results, objectives)
-    ref = np.zeros(len(objectives)) if ref is None else ref
+    if ref is None:
+        ref = np.zeros(len(objectives))
+    elif isinstance(ref, dict):
+        ref = [float(ref[c]) for c, _ in objectives]
     return hypervolume(f[[c for c, _ in objectives]].to_numpy(dtype=float), ref, [s for _, s in objectives])
+
+
+def format_reference(ref: dict) -> str:
+    """`learning 0, held-out change -50, counting bias +0.2`: the reference point as a user reads it."""
+    names = {"learning": "learning", "heldout_change": "held-out change", "counting_bias": "counting bias"}
+    return ", ".join(f"{names.get(k, k)} {'+' if float(v) > 0 else ''}{float(v):g}" for k, v in ref.items())
 
 
 def pick(results: pd.DataFrame, how: str = "knee", objectives=OBJECTIVES) -> pd.Series:
@@ -152,7 +164,7 @@ def pick(results: pd.DataFrame, how: str = "knee", objectives=OBJECTIVES) -> pd.
 # --- report --------------------------------------------------------------------------------------
 
 
-def _fmt_lr(x) -> str:
+def fmt_lr(x) -> str:
     """1e-4 style: short mantissa, unpadded exponent, as people write learning rates."""
     if pd.isna(x):
         return "-"
@@ -165,14 +177,25 @@ def _fmt_lr(x) -> str:
     return f"{m:g}e{e}"
 
 
+_fmt_lr = fmt_lr
+
+
 def _num(spec: str, scale: float = 1.0):
     return lambda x: "-" if pd.isna(x) else format(float(x) * scale, spec)
 
 
-# (column, header, formatter); columns missing from a table are left out of its report
+def _id(x) -> str:
+    return "-" if pd.isna(x) or x == "" else str(int(x)) if isinstance(x, (int, float, np.number)) else str(x)
+
+
+# (column, header, formatter); columns missing from a table are left out of its report.
+# `trial_id` is Tune's trial id: the MLflow run carries it as the tag lmm_ray.trial_id, and
+# `optuna_trial` is the Optuna trial number ("Trial 6" in optuna-dashboard).
 _REPORT = (
+    ("trial_id", "trial", str),
+    ("optuna_trial", "optuna", _id),
     ("recipe", "recipe", str),
-    ("lr", "lr", _fmt_lr),
+    ("lr", "lr", fmt_lr),
     ("learning", "learning", _num("+.1f")),
     ("target_forgetting", "target forgetting", _num("+.1f")),
     ("heldout_change", "held-out change", _num("+.1f")),
@@ -180,6 +203,33 @@ _REPORT = (
     ("objective", "objective", _num("+.1f")),
     ("trainable_share", "trainable %", _num(".3g", 100.0)),
 )
+_METRIC_COLUMNS = ("learning", "target_forgetting", "heldout_change", "counting_bias", "objective")
+
+
+def _report(df: pd.DataFrame, front_ids, digits: int) -> pd.DataFrame:
+    cols = [(c, h, _num(f"+.{digits}f") if c in _METRIC_COLUMNS and c != "counting_bias" else f)
+            for c, h, f in _REPORT if c in df.columns]
+    out = pd.DataFrame({h: df[c].map(f) for c, h, f in cols}, index=df.index)
+    if "status" in df.columns and (df["status"] != "finished").any():
+        out["status"] = df["status"].astype(str)
+    if front_ids is not None:
+        _require(df, ["trial_id"], "table to mark")
+        on = set(map(str, front_ids))
+        out.insert(0, "*", ["*" if str(t) in on else "" for t in df["trial_id"]])
+    return out
+
+
+def format_markdown(df: pd.DataFrame, front_ids=None) -> str:
+    """The report as a markdown table (accuracies in pp to 2 decimals), e.g. for an MLflow description."""
+    if df.empty:
+        return "(no trials)"
+    out = _report(df, front_ids, 2)
+    if "*" in out:
+        out["*"] = out["*"].map({"*": "✓"}).fillna("")
+        out = out.rename(columns={"*": "Pareto"})
+    lines = ["| " + " | ".join(out.columns) + " |", "|" + "---|" * len(out.columns)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in out.itertuples(index=False)]
+    return "\n".join(lines)
 
 
 def format_table(df: pd.DataFrame, front_ids=None) -> str:
@@ -190,18 +240,12 @@ def format_table(df: pd.DataFrame, front_ids=None) -> str:
     """
     if df.empty:
         return "(no trials)"
-    cols = [(c, h, f) for c, h, f in _REPORT if c in df.columns]
-    out = pd.DataFrame({h: df[c].map(f) for c, h, f in cols}, index=df.index)
-    if "recipe" in out:  # names read better left-aligned; to_string right-aligns equal widths
-        width = max(out["recipe"].str.len().max(), len("recipe"))
-        out["recipe"] = out["recipe"].str.ljust(width)
-        out = out.rename(columns={"recipe": "recipe".ljust(width)})
-    if "status" in df.columns and (df["status"] != "finished").any():
-        out["status"] = df["status"].astype(str)
-    if front_ids is not None:
-        _require(df, ["trial_id"], "table to mark")
-        on = set(map(str, front_ids))
-        out.insert(0, "*", ["*" if str(t) in on else "" for t in df["trial_id"]])
+    out = _report(df, front_ids, 1)
+    for col in ("trial", "recipe"):  # names read better left-aligned; to_string right-aligns equal widths
+        if col in out:
+            width = max(out[col].str.len().max(), len(col))
+            out[col] = out[col].str.ljust(width)
+            out = out.rename(columns={col: col.ljust(width)})
     return out.to_string(index=False)
 
 
@@ -216,20 +260,38 @@ def _figure(width: float = 7.0, height: float = 5.0):
     return Figure(figsize=(width, height), dpi=110, layout="constrained")
 
 
-def plot_tradeoff(results: pd.DataFrame, path, objectives=OBJECTIVES) -> Path:
-    """Learning vs held-out change per trial, sized by counting bias, with the front marked."""
+def recipe_colours(recipes) -> dict[str, str]:
+    """One colour per recipe, the same in every figure of a sweep: recipes in sorted order take
+    tab10's colours (tab20's beyond ten)."""
+    names = sorted({str(r) for r in recipes})
+    if len(names) <= 10:
+        palette = [f"C{i}" for i in range(10)]
+    else:
+        from matplotlib import colormaps
+
+        palette = [colormaps["tab20"](i) for i in range(20)]
+    return {r: palette[i % len(palette)] for i, r in enumerate(names)}
+
+
+def _bias_size(bias: np.ndarray, top: float) -> np.ndarray:
+    # more bias = bigger marker; clipped at 0 because a drop in bias is not worth drawing large
+    return 25 + 275 * (np.clip(bias, 0, None) / top if top > 0 else np.zeros_like(bias))
+
+
+def plot_tradeoff(results: pd.DataFrame, path, objectives=OBJECTIVES, colours: dict | None = None) -> Path:
+    """Learning vs held-out change of every trial: colour = recipe, label = learning rate,
+    marker size = counting bias (with a key), the Pareto front circled and joined."""
     _require(results, ["recipe", "status", "learning", "heldout_change", "counting_bias"], "results table")
-    fig = _figure()
+    fig = _figure(8.0, 5.5)
     ax = fig.add_subplot()
     ax.axhline(0, color="0.8", lw=0.8, ls="--", zorder=0)
     ax.axvline(0, color="0.8", lw=0.8, ls="--", zorder=0)
     shown = results.dropna(subset=["learning", "heldout_change"])
-    bias = shown["counting_bias"].fillna(0).clip(lower=0).to_numpy(dtype=float)
-    # more bias = bigger marker; clipped at 0 because a drop in bias is not worth drawing large
-    sizes = 25 + 275 * (bias / bias.max() if len(bias) and bias.max() > 0 else bias)
-    shown = shown.assign(_size=sizes)
+    bias = shown["counting_bias"].fillna(0).to_numpy(dtype=float)
+    top = float(np.clip(bias, 0, None).max()) if len(bias) else 0.0
+    shown = shown.assign(_size=_bias_size(bias, top))
     done = shown["status"] == "finished"
-    colours = {r: f"C{i % 10}" for i, r in enumerate(sorted(shown["recipe"].astype(str).unique()))}
+    colours = colours or recipe_colours(results["recipe"].astype(str))
     for recipe, colour in colours.items():
         rows = shown[done & (shown["recipe"].astype(str) == recipe)]
         if rows.empty:  # only stopped/failed trials: they are drawn grey below
@@ -240,6 +302,10 @@ def plot_tradeoff(results: pd.DataFrame, path, objectives=OBJECTIVES) -> Path:
     if len(partial):
         ax.scatter(partial["learning"], partial["heldout_change"], s=partial["_size"],
                    facecolors="none", edgecolors="0.55", label="stopped / failed")
+    if "lr" in shown:
+        for r in shown.itertuples():
+            ax.annotate(fmt_lr(r.lr), (r.learning, r.heldout_change), xytext=(5, 4), textcoords="offset points",
+                        fontsize="x-small", color="0.3")
     f = front(results, objectives).dropna(subset=["learning", "heldout_change"])
     if len(f):
         f = f.sort_values("learning")
@@ -249,33 +315,45 @@ def plot_tradeoff(results: pd.DataFrame, path, objectives=OBJECTIVES) -> Path:
                    facecolors="none", edgecolors="k", linewidths=1.4, label="Pareto front")
     ax.set_xlabel("learning (pp, target accuracy gain vs base)")
     ax.set_ylabel("held-out change (pp vs base; < 0 = forgetting)")
-    ax.set_title("Recipes: learning vs held-out change (marker size = counting bias)")
-    legend = ax.legend(fontsize="small", loc="best")
+    ax.set_title(f"All {len(shown)} trials: learning vs held-out change\n"
+                 "colour = recipe, label = learning rate, size = counting bias", fontsize="medium")
+    legend = fig.legend(*ax.get_legend_handles_labels(), fontsize="small", loc="outside right upper", title="recipe")
     for handle in legend.legend_handles:  # legend markers show colour and style, not bias
         handle.set_sizes([40])
+    # the size key: what a small, middle and large marker mean
+    keys = sorted({round(v, 3) for v in (0.0, top / 2, top)}) if top > 0 else [0.0]
+    handles = [ax.scatter([], [], s=float(_bias_size(np.array([k]), top)[0]), color="0.6") for k in keys]
+    fig.legend(handles, [f"{k:+.3g}" for k in keys], fontsize="small", loc="outside right lower",
+               title="counting bias", labelspacing=1.3, borderpad=0.8)
     fig.savefig(path)
     return Path(path)
 
 
-def plot_stages(stages: pd.DataFrame, trial_ids, labels, path) -> Path:
+def plot_stages(stages: pd.DataFrame, trial_ids, labels, path, colours=None, title: str | None = None) -> Path:
     """Mean held-out accuracy after each stage, one line per trial (the study's Figure 1, right).
 
-    `labels` (one per trial, e.g. "sa_proj lr=1e-4") may be None to label lines by trial id.
+    `labels` (one per trial, e.g. "sa_proj lr=1e-4") may be None to label lines by trial id;
+    `colours` (one per trial, e.g. from recipe_colours) None for matplotlib's cycle; `title`
+    says which trials these are (default: "Held-out accuracy across sequential tuning").
     """
     _require(stages, ["trial_id", "stage", "skill", "heldout_mean"], "stage table")
     trial_ids = list(trial_ids)
     labels = [str(t) for t in trial_ids] if labels is None else list(labels)
     if len(labels) != len(trial_ids):
         raise ValueError(f"{len(labels)} labels for {len(trial_ids)} trials")
+    colours = [None] * len(trial_ids) if colours is None else list(colours)
     ids = stages["trial_id"].astype(str)
     missing = [t for t in trial_ids if str(t) not in set(ids)]
     if missing:
         raise ValueError(f"trial(s) {missing} not in the stage table")
     fig = _figure()
     ax = fig.add_subplot()
-    for tid, label in zip(trial_ids, labels):
+    styles = ("-", "--", ":", "-.")
+    seen: dict = {}
+    for tid, label, colour in zip(trial_ids, labels, colours):
         rows = stages[ids == str(tid)].sort_values("stage")
-        ax.plot(rows["stage"], rows["heldout_mean"], marker="o", label=label)
+        n = seen[colour] = seen.get(colour, -1) + 1  # same recipe twice: same colour, another line style
+        ax.plot(rows["stage"], rows["heldout_mean"], marker="o", label=label, color=colour, ls=styles[n % len(styles)])
     # trials share the stage sequence; one stopped early just has a shorter line
     picked = stages[ids.isin([str(t) for t in trial_ids])]
     names = {}
@@ -285,7 +363,7 @@ def plot_stages(stages: pd.DataFrame, trial_ids, labels, path) -> Path:
     ax.set_xticks(list(names), list(names.values()), rotation=20)
     ax.set_xlabel("after stage (skill trained)")
     ax.set_ylabel("mean held-out accuracy (%)")
-    ax.set_title("Held-out accuracy across sequential tuning")
+    ax.set_title(title or "Held-out accuracy across sequential tuning", fontsize="medium")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     fig.savefig(path)
@@ -313,7 +391,7 @@ def export_recipe(row, path, sweep: str | None = None, how: str | None = None) -
             recipe[str(key)[len("param/"):]] = _plain(value)
     header = [f"# lmm_ray recipe exported from sweep {sweep or '?'}, trial {row.get('trial_id', '?')}"
               + (f" (pick: {how})" if how else "")]
-    metrics = [f"{c}={float(row[c]):+.4g}" for c, *_ in _REPORT[2:-1] if c in row and not pd.isna(row[c])]
+    metrics = [f"{c}={float(row[c]):+.4g}" for c in _METRIC_COLUMNS if c in row and not pd.isna(row[c])]
     if "trainable_share" in row and not pd.isna(row["trainable_share"]):
         metrics.append(f"trainable={100 * float(row['trainable_share']):.3g}%")
     if metrics:

@@ -16,7 +16,7 @@ import pandas as pd
 
 from lmm_ray import objective, pareto
 from lmm_ray.errors import ResultsNotFound
-from lmm_ray.schema import is_uri, mask_secrets
+from lmm_ray.schema import is_uri
 
 # Constant per trial (set by the recipe on the model), reported with every stage.
 SIZE_COLUMNS = ("trainable", "total_params", "trainable_share")
@@ -44,8 +44,9 @@ def result_row(trial_id: str, status: str, reason: str, config: dict, metrics: d
     return row
 
 
-def collect(results, cfg, base_metrics: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(results table, stage table: one row per trial and stage, stage 0 = the base) from Tune's ResultGrid."""
+def collect(results, cfg, base_metrics: dict, optuna_numbers: dict | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(results table, stage table: one row per trial and stage, stage 0 = the base) from Tune's ResultGrid.
+    With `optuna_numbers` (Tune trial id -> Optuna trial number) the table has an `optuna_trial` column."""
     rows, stages = [], []
     for r in results:
         last = r.metrics or {}
@@ -54,6 +55,8 @@ def collect(results, cfg, base_metrics: dict) -> tuple[pd.DataFrame, pd.DataFram
         if r.error is not None:
             status, reason = "failed", f"{type(r.error).__name__}: {str(r.error).splitlines()[0][:300]}"
         rows.append(result_row(tid, status, reason, r.config or {}, last))
+        if optuna_numbers is not None:
+            rows[-1]["optuna_trial"] = optuna_numbers.get(tid)
         df = r.metrics_dataframe
         if df is not None and len(df):
             df = df.drop_duplicates("stage", keep="last")
@@ -131,10 +134,64 @@ class Store:
             dst.write(src.read())
 
 
-def hypervolume_note(res: pd.DataFrame) -> str:
-    hv = pareto.front_hypervolume(res)
-    # The volume only counts trials that beat the base on all three objectives at once.
-    return f"hypervolume vs the base {hv:.4g}" + (" (no trial improves on the base in every objective)" if hv == 0 else "")
+def reference(objective_cfg) -> dict[str, float]:
+    """The hypervolume's reference point {objective: value} from a sweep's `objective` section
+    (an ObjectiveConfig, or the mapping sweep.json holds; keys it lacks take their defaults)."""
+    from lmm_ray.schema import ObjectiveConfig
+
+    get = objective_cfg.get if isinstance(objective_cfg, dict) else lambda k, d: getattr(objective_cfg, k, d)
+    default = ObjectiveConfig()
+    return {name: float(get(f"reference_{name}", getattr(default, f"reference_{name}"))) for name, _ in objective.VECTOR}
+
+
+def hypervolume_note(res: pd.DataFrame, ref: dict) -> str:
+    hv = pareto.front_hypervolume(res, ref=ref)
+    # The volume only counts trials better than the reference on all three objectives at once.
+    return (f"hypervolume {hv:.4g} against the reference point ({pareto.format_reference(ref)}; objective.reference_*)"
+            + (" - no trial is better than it in every objective" if hv == 0 else ""))
+
+
+def picks(res: pd.DataFrame) -> dict[str, str]:
+    """{pick: trial id} for every pareto.PICKS on the front; empty when no trial finished."""
+    if not (res["status"] == "finished").any():
+        return {}
+    return {how: str(pareto.pick(res, how)["trial_id"]) for how in pareto.PICKS}
+
+
+def _rows_within(table: str, budget: int, what: str) -> str:
+    """A markdown table cut to its first rows that fit in `budget` characters, saying what was cut."""
+    lines = table.split("\n")
+    keep = lines[:2]
+    for row in lines[2:]:
+        if sum(len(x) + 1 for x in keep) + len(row) + 80 > budget:
+            return "\n".join(keep) + f"\n\n({len(lines) - len(keep)} more {what}: see {RESULTS_FILE} in the artifacts)"
+        keep.append(row)
+    return table
+
+
+def describe(cfg, res: pd.DataFrame, front: pd.DataFrame, chosen: dict[str, str], names: dict[str, str],
+             limit: int = 8000) -> str:
+    """The sweep's result as markdown (the parent run's description in MLflow), within `limit`
+    characters (MLflow's longest tag value): long tables keep their first rows. `names`: trial id
+    -> MLflow run name."""
+    counts = ", ".join(f"{n} {s}" for s, n in res["status"].value_counts().items())
+    ref = reference(cfg.objective)
+    lines = [f"**Sweep `{cfg.name}`**: {len(res)} trials ({counts}), model `{cfg.model}`.",
+             f"Steps of each trial run: {', '.join(['0 base', *(f'{i} {n}' for i, n in enumerate(cfg.stage_names, 1))])}. "
+             "Accuracies and changes in percentage points; counting bias is a probability change.", "",
+             "### Pareto-optimal trials (learning up, held-out change up, counting bias down)", "",
+             hypervolume_note(res, ref) + ".", ""]
+    if chosen:
+        lines.append("Picks: " + "; ".join(f"**{how}** = {names.get(t, t)} (trial `{t}`)" for how, t in chosen.items()) + ".")
+        lines += ["Trial runs carry the tags `pareto_optimal` (true/false) and `pick`; filter the runs table "
+                  "with `tags.pareto_optimal = 'true'`.", ""]
+    head = "\n".join(lines)
+    on_front = pareto.format_markdown(front) if len(front) else "(no finished trial)"
+    on_front = _rows_within(on_front, (limit - len(head)) * 2 // 3, "Pareto-optimal trials")
+    head += "\n" + on_front + "\n\n### All trials (best objective first)\n\n"
+    shown = res.assign(_unfinished=res["status"] != "finished").sort_values(["_unfinished", "objective"], ascending=[True, False])
+    table = pareto.format_markdown(shown.drop(columns="_unfinished"), front_ids=set(front["trial_id"]))
+    return head + _rows_within(table, limit - len(head), "trials")
 
 
 def finished_best(res: pd.DataFrame) -> pd.Series:
@@ -156,18 +213,22 @@ def write_tables(cfg, res: pd.DataFrame, st: pd.DataFrame, store: Store | None =
     # finished trials first: the objective of a stopped trial is an early stage's, not comparable
     shown = res.assign(_unfinished=res["status"] != "finished").sort_values(["_unfinished", "objective"], ascending=[True, False])
     lines.append(pareto.format_table(shown.drop(columns="_unfinished"), front_ids=set(front["trial_id"])))
-    lines.append(f"\n== Pareto-optimal trials (learning up, held-out change up, counting bias down); {hypervolume_note(res)}:")
+    lines.append("\n== Pareto-optimal trials (learning up, held-out change up, counting bias down):")
     lines.append(pareto.format_table(front) if len(front) else "(no finished trial)")
+    lines.append(hypervolume_note(res, reference(cfg.objective)))
     files = [out / RESULTS_FILE, out / STAGES_FILE]
     if len(front):
         front.to_csv(out / PARETO_FILE, index=False)
         files.append(out / PARETO_FILE)
-        files.append(pareto.plot_tradeoff(res, out / "tradeoff.png"))
-        labels = [f"{r.recipe} lr={r.lr:.1e}" for r in front.itertuples()]
-        files.append(pareto.plot_stages(st, list(front["trial_id"]), labels, out / "heldout_by_stage.png"))
+        colours = pareto.recipe_colours(res["recipe"].astype(str))  # one colour per recipe in both plots
+        files.append(pareto.plot_tradeoff(res, out / "tradeoff.png", colours=colours))
+        labels = [f"{r.recipe} lr={pareto.fmt_lr(r.lr)}" for r in front.itertuples()]
+        title = (f"Held-out accuracy after each stage: the {len(front)} Pareto-optimal trial(s) of {len(res)}"
+                 if len(front) < len(res) else "Held-out accuracy after each stage: every trial")
+        files.append(pareto.plot_stages(st, list(front["trial_id"]), labels, out / "heldout_by_stage.png",
+                                        colours=[colours[str(r)] for r in front["recipe"]], title=title))
     if store.is_uri:
         for f in files:
             store.put(f, f.name)
-    lines.append(f"\nresults: {cfg.sweep_dir}/{RESULTS_FILE}\nMLflow:  experiment {cfg.experiment!r} at {mask_secrets(cfg.mlflow_uri)}"
-                 f"\n         open it with: lmm-ray ui {cfg.sweep_dir}")
+    lines.append(f"\nresults: {cfg.sweep_dir}/{RESULTS_FILE}")
     return "\n".join(lines), files, front

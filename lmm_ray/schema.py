@@ -216,6 +216,10 @@ class ObjectiveConfig:
     mode: str = "scalar"
     lam: float = 1.0  # YAML key `lambda`
     mu: float = 100.0
+    # The hypervolume's reference point: the worst trial a user would still accept (pareto.reference).
+    reference_learning: float = 0.0
+    reference_heldout_change: float = -50.0
+    reference_counting_bias: float = 0.2
 
 
 @dataclass(frozen=True)
@@ -277,7 +281,8 @@ SCHEDULER_RULES = {
     "grace_period": R(int, ge(1)),
     "reduction_factor": R(float, gt(1)),
 }
-OBJECTIVE_RULES = {"mode": R(str, choices=("scalar", "multi")), "lambda": R(float, ge(0)), "mu": R(float, ge(0))}
+OBJECTIVE_RULES = {"mode": R(str, choices=("scalar", "multi")), "lambda": R(float, ge(0)), "mu": R(float, ge(0)),
+                   "reference_learning": R(float), "reference_heldout_change": R(float), "reference_counting_bias": R(float)}
 RESOURCES_RULES = {
     "num_workers": R(int, ge(1)),
     "cpus_per_worker": R(float, gt(0)),

@@ -10,6 +10,7 @@ tables are written next to the Tune state and the Pareto front is printed and lo
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -19,7 +20,7 @@ import pandas as pd
 from ray.tune import CLIReporter
 from ray.tune.search.optuna import OptunaSearch
 
-from lmm_ray import cluster, objective, results, tracking
+from lmm_ray import cluster, objective, results, tracking, ui
 from lmm_ray.config import SweepConfig
 from lmm_ray.errors import SweepError
 from lmm_ray.results import Store
@@ -35,8 +36,17 @@ TUNE_DIR = "tune"
 
 
 def worker_env() -> dict:
-    """Environment every Ray worker needs (set before torch loads in the worker)."""
-    env = {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
+    """Environment every Ray worker needs (set before torch loads in the worker).
+
+    Two settings keep a healthy sweep's console free of error lines and bar spam: Ray Train's
+    preemption watcher (an actor created with max_restarts=-1 and the workers' handles as
+    constructor arguments, so Ray logs an ERROR per trial, ray-project/ray#53727) only reports
+    node drains, which a trial does not use; and progress bars of Hugging Face loads (transformers'
+    "Loading weights", hub downloads) reach the driver through Ray's log forwarding line by line.
+    """
+    env = {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false",  # below: a user's own setting wins
+           "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0"),
+           "HF_HUB_DISABLE_PROGRESS_BARS": os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "1")}
     for k in ("LMM_RAY_CACHE", "HF_HOME", "HF_HUB_OFFLINE"):
         if k in os.environ:
             env[k] = os.environ[k]
@@ -72,6 +82,11 @@ def init_ray(cfg: SweepConfig, address: str | None = None) -> None:
     # workers' State API at it (RAY_API_SERVER_ADDRESS) keeps each sweep on its own cluster.
     port = _free_port()
     env = {**worker_env(), "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
+    # A local cluster we start turns on token authentication and says so with a WARNING every time;
+    # that line is expected here (RAY_AUTH_MODE set by the user is respected silently by Ray).
+    import logging
+
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(
         num_cpus=os.cpu_count(),
         runtime_env={"env_vars": env},
@@ -181,9 +196,54 @@ class StageAwareOptunaSearch(OptunaSearch):
         super().__init__(*args, **kwargs)
         self._stages_total = stages_total
 
+    # One trial, one set of names: the Optuna trial carries the Tune id, the MLflow run id and the
+    # three objectives as user attributes, and the study names its objectives (optuna-dashboard's
+    # axes); tracking.LINKS gives the MLflow run its Optuna number.
+
+    def _setup_study(self, mode):
+        import warnings
+
+        import optuna
+
+        super()._setup_study(mode)
+        names = self._metric if isinstance(self._metric, list) else [self._metric]
+        if not all(isinstance(n, str) for n in names):
+            return
+        with warnings.catch_warnings():  # set_metric_names is marked experimental (since Optuna 3.2)
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self._ot_study.set_metric_names(list(names))
+
+    def suggest(self, trial_id: str):
+        config = super().suggest(trial_id)
+        ot = self._ot_trials.get(trial_id)
+        if ot is not None and trial_id not in tracking.LINKS.optuna:
+            tracking.LINKS.optuna[trial_id] = ot.number
+            ot.set_user_attr("tune_trial_id", trial_id)
+        return config
+
+    def restore(self, checkpoint_path: str):
+        super().restore(checkpoint_path)
+        tracking.LINKS.optuna.update({tid: t.number for tid, t in self._ot_trials.items()})
+
+    def _link(self, trial_id: str, result: dict | None) -> None:
+        """The trial's MLflow run id and objectives as user attributes, while it can still take them."""
+        ot = self._ot_trials.get(trial_id)
+        if ot is None or trial_id in self._completed_trials:
+            return
+        try:
+            if trial_id in tracking.LINKS.runs:
+                ot.set_user_attr("mlflow_run_id", tracking.LINKS.runs[trial_id])
+            for name, _ in objective.VECTOR:
+                v = (result or {}).get(name)
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    ot.set_user_attr(name, float(v))
+        except Exception as exc:  # noqa: BLE001 - names are a convenience: never break the sweep
+            print(f"[lmm_ray] could not label Optuna trial {ot.number}: {exc}", file=sys.stderr)
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
         from optuna.trial import TrialState
 
+        self._link(trial_id, result)
         if result and not error and trial_id in self._ot_trials and trial_id not in self._completed_trials:
             failed = bool(result.get("failed"))
             if failed or int(result.get("stage", 0)) < self._stages_total:
@@ -207,6 +267,7 @@ def make_searcher(cfg: SweepConfig):
         "grid": lambda: optuna.samplers.GridSampler(cfg.search_space.grid(), seed=s.seed),
     }
     sampler = samplers[s.algorithm]()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not an INFO line per study and trial
     storage = None
     if not is_uri(cfg.sweep_dir):  # the Optuna study lives beside the sweep, so it can be reopened
         storage = optuna.storages.RDBStorage(f"sqlite:///{Path(cfg.sweep_dir).resolve() / 'optuna.db'}")
@@ -243,6 +304,19 @@ class StageReporter(CLIReporter):
         return super()._current_best_trial(
             [t for t in trials if int((t.last_result or {}).get("stage", 0)) >= self._stages_total])
 
+    def _progress_str(self, trials, done, *sys_info, **kw):
+        # Tune's status block names a driver-artifacts folder under /tmp/ray (not the sweep's) and
+        # prints the best trial with every digit; say where the sweep is and what the best one is.
+        lines = []
+        for line in super()._progress_str(trials, done, *sys_info, **kw).split("\n"):
+            if line.startswith("Result logdir:"):
+                continue
+            if line.startswith("Current best trial:"):
+                best, metric = self._current_best_trial(trials)
+                line = _best_line(best, metric) if best is not None else line
+            lines.append(line)
+        return "\n".join(lines)
+
     def should_report(self, trials, done: bool = False) -> bool:
         seen = sorted((t.trial_id, t.status, (t.last_result or {}).get("stage")) for t in trials)
         if done and seen == self._seen and len(trials) <= self._max_progress_rows:
@@ -252,6 +326,16 @@ class StageReporter(CLIReporter):
             self._last_report_time = time.time()
             return True
         return super().should_report(trials, done)
+
+
+def _best_line(trial, metric: str) -> str:
+    from lmm_ray.pareto import fmt_lr
+
+    cfg, last = trial.config or {}, trial.last_result or {}
+    lr = f", lr {fmt_lr(float(cfg['lr']))}" if "lr" in cfg else ""
+    n = tracking.LINKS.optuna.get(trial.trial_id)
+    return (f"Best finished trial so far: {trial} ({cfg.get('recipe', '?')}{lr}"
+            + (f", Optuna #{n}" if n is not None else "") + f"): {metric} {float(last.get(metric, float('nan'))):+.2f}")
 
 
 def make_reporter(cfg: SweepConfig) -> StageReporter:
@@ -315,8 +399,8 @@ def run(cfg: SweepConfig, *, resume: bool = False, address: str | None = None) -
         packed["probe"] = bytes.fromhex(packed["probe"])
         base_metrics = unpack_base(packed)[0]
         trainable = ray.tune.with_resources(make_trial_fn(cfg, packed), cluster.TRIAL_DRIVER_RESOURCES)
-        logger = tracking.TrialLogger(cfg.mlflow_uri, cfg.experiment, cfg.name, parent, _flat_config(cfg), len(cfg.stages),
-                                      predictions_root=None if store.is_uri else str(store.local / PREDICTIONS))
+        logger = tracking.TrialLogger(cfg.mlflow_uri, cfg.experiment, cfg.name, parent, len(cfg.stages), base_metrics,
+                                      cfg.stage_names, predictions_root=None if store.is_uri else str(store.local / PREDICTIONS))
         if resume:
             tuner = ray.tune.Tuner.restore(f"{cfg.sweep_dir.rstrip('/')}/{TUNE_DIR}", trainable=trainable,
                                            resume_unfinished=True, resume_errored=True)
@@ -344,10 +428,12 @@ def run(cfg: SweepConfig, *, resume: bool = False, address: str | None = None) -
                 os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
             else:
                 os.environ["RAY_AIR_NEW_OUTPUT"] = prev_output
-        res, st = results.collect(results_grid, cfg, base_metrics)
+        res, st = results.collect(results_grid, cfg, base_metrics, tracking.LINKS.optuna)
         text, files, front = results.write_tables(cfg, res, st, store)
-        tracking.log_summary(cfg.mlflow_uri, parent, files, results.finished_best(res), len(front))
+        tracking.log_result(cfg, parent, res, front, files)
         print(text)
+        exp_id, _ = ui.sweep_ids(cfg.mlflow_uri, cfg.experiment, cfg.name)
+        print(ui.where_to_look(cfg, exp_id, parent))
         print(f"\nwall time {time.time() - t0:.0f} s", file=sys.stderr)
         tracking.finish_parent(cfg.mlflow_uri, parent)
         return res, st
@@ -380,7 +466,3 @@ def _lock(cfg: SweepConfig):
     f.write(f"pid {os.getpid()} on {os.uname().nodename}")
     f.flush()
     return f
-
-
-def _flat_config(cfg: SweepConfig) -> dict:
-    return tracking._flat(cfg.public_dict(), "sweep.")

@@ -1,14 +1,24 @@
 """MLflow: one parent run per sweep, one child run per trial nested under it.
 
+What goes where (docs/architecture.md, "MLflow: what a sweep logs"):
+- the parent run: the sweep's resolved config as params (once), the step -> skill map, and at the
+  end the tables and plots as artifacts, the results and Pareto tables as its description, the
+  best run's id and the front's size and hypervolume (logged again only when they change);
+- a child run per trial, named `<recipe> lr=<lr> #<optuna trial>`: the sampled values and the
+  recipe's constants (trainable counts) as params, once; per-stage metrics with step = stage
+  (step 0 = the base, so a chart starts where the model started), named with one slash level
+  (`mlflow_name`); tags that link the trial's names (Tune id, Optuna number) and, once the sweep
+  ends, mark the Pareto-optimal trials and the picks.
+
 The Tune callback below runs in the sweep's driver process. It finds runs by tags
 (`lmm_ray.sweep`, `lmm_ray.trial_id`) rather than keeping a map in memory, so a resumed sweep
 re-attaches to its runs instead of duplicating them (the stock MLflowLoggerCallback does not).
-Metrics are logged with step = stage (Tune's `training_iteration` restarts at 1 after a restore).
 """
 
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 from pathlib import Path
@@ -17,25 +27,38 @@ from typing import Any
 import pandas as pd
 from ray.tune import Callback
 
-from lmm_ray import results
+from lmm_ray import pareto, results
 
 PARENT = "parent"
 CHILD = "trial"
+NOTE = "mlflow.note.content"  # a run's description (markdown) in the MLflow UI
+# Tags on trial runs once the sweep has ended (the Pareto front in MLflow).
+PARETO_TAG, PICK_TAG = "pareto_optimal", "pick"
 
 
 def client(uri: str):
+    import logging
+
     from mlflow.tracking import MlflowClient
 
+    # "Creating initial MLflow database tables..." at INFO when a sweep's sqlite store is new
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     return MlflowClient(tracking_uri=uri)
+
+
+# MLflow 3's UI opens a GenAI experiment on its traces; this kind opens ours on the runs table.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 def experiment_id(uri: str, name: str, artifact_root: str | None = None) -> str:
     c = client(uri)
     exp = c.get_experiment_by_name(name)
     if exp is not None:
+        if EXPERIMENT_KIND[0] not in exp.tags:
+            c.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
         return exp.experiment_id
     kw = {"artifact_location": Path(artifact_root).resolve().as_uri()} if artifact_root and "://" not in artifact_root else {}
-    return c.create_experiment(name, **kw)
+    return c.create_experiment(name, tags=dict([EXPERIMENT_KIND]), **kw)
 
 
 def check_reachable(uri: str) -> None:
@@ -73,6 +96,90 @@ def check_reachable(uri: str) -> None:
                                   f"({e.__class__.__name__}: {mask_secrets(str(e)).splitlines()[0][:300]})") from None
 
 
+# ---------------------------------------------------------------------------------------------
+# Names and values as MLflow shows them
+
+
+# Trial-level numbers kept at the top level: MLflow's "Model metrics" section holds just these.
+TOP_LEVEL = ("learning", "target_forgetting", "heldout_change", "counting_bias", "objective")
+# Per-stage metrics under other names (the rest of a name with two slash levels loses its `/acc`).
+RENAMED = {
+    "target/mean_acc": "target/mean",
+    "heldout/mean_acc": "heldout/mean",
+    "heldout_change_worst": "heldout/change_worst",
+    "train_loss_first": "train/loss_first",
+    "train_loss_last": "train/loss_last",
+    "stage_train_seconds": "train/seconds",
+    "stage_steps": "train/steps",
+}
+# Equal, at the last stage, to a per-stage metric that is logged (heldout/change,
+# probe/number_mass_change, probe/kl_base): logged per stage they would not be "final".
+FINAL_ALIASES = {"heldout_change_final": "heldout/change", "counting_bias_final": "probe/number_mass_change",
+                 "kl_base": "probe/kl_base"}
+
+
+def mlflow_name(key: str) -> str | None:
+    """The MLflow name of a per-stage metric, or None for what is not logged as a metric.
+
+    MLflow groups charts by the part before the first slash, so names keep one slash level:
+    `target/<skill>/acc` -> `target/<skill>`, `heldout/<set>/acc` -> `heldout/<set>` (another
+    metric of a set: `heldout/<set>_<metric>`), `probe/*` unchanged. Constants (stage counters,
+    trainable counts) are params, not metrics; Tune's own keys are dropped.
+    """
+    if key in TOP_LEVEL:
+        return key
+    if key in RENAMED:
+        return RENAMED[key]
+    parts = key.split("/")
+    if parts[0] not in ("target", "heldout", "probe") or len(parts) < 2:
+        return None
+    if len(parts) > 2 and parts[-1] == "acc":
+        parts = parts[:-1]
+    return parts[0] + "/" + "_".join(parts[1:])
+
+
+def readable(v: float) -> float:
+    """4 significant digits: what a chart or a table cell can show (accuracies like 43.75)."""
+    return float(f"{v:.4g}")
+
+
+def fmt_value(v) -> str:
+    """A param as a person reads it: learning rates like 1.62e-4, other floats to 4 digits."""
+    if isinstance(v, float):
+        from lmm_ray.pareto import fmt_lr
+
+        return fmt_lr(v) if 0 < abs(v) < 1e-2 else f"{v:.4g}"
+    return str(v)
+
+
+def stage_metrics(result: dict, base: dict | None) -> dict[str, float]:
+    """The MLflow metrics of one stage's result (or of the base, as step 0)."""
+    out = {}
+    for k, v in result.items():
+        name = mlflow_name(k)
+        if name and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
+            out[name] = readable(float(v))
+    if base and "heldout/mean_acc" in result and "heldout/mean_acc" in base:
+        # the held-out change of this stage alone, beside `heldout_change` (the mean over stages so far)
+        out["heldout/change"] = readable(result["heldout/mean_acc"] - base["heldout/mean_acc"])
+    return out
+
+
+def base_step(base: dict) -> dict[str, float]:
+    """Step 0 of every trial: the base model's metrics, and 0 for every change from the base."""
+    zero = {k: 0.0 for k in TOP_LEVEL} | {"heldout/change_worst": 0.0}
+    return zero | stage_metrics(base, base)
+
+
+def run_name(config: dict, optuna_number: int | None) -> str:
+    name = f"{config.get('recipe', 'trial')} lr={fmt_value(float(config['lr']))}" if "lr" in config else str(config.get("recipe", "trial"))
+    return name + (f" #{optuna_number}" if optuna_number is not None else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs
+
+
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -96,8 +203,14 @@ def _params(c, run_id: str, params: dict) -> None:
         c.log_batch(run_id, params=new[i : i + 100])
 
 
+def step_skills(stage_names) -> str:
+    """`0 base, 1 count, 2 clock`: what each MLflow step (= stage) of a trial run means."""
+    return ", ".join(["0 base", *(f"{i} {n}" for i, n in enumerate(stage_names, start=1))])
+
+
 def parent_run(uri: str, experiment: str, sweep: str, config: dict, artifact_root: str | None = None) -> str:
-    """The sweep's parent run: found again by tag on --resume, created otherwise."""
+    """The sweep's parent run: found again by tag on --resume, created otherwise. The sweep's
+    config is logged here only (its trials log what they sampled)."""
     c = client(uri)
     exp = experiment_id(uri, experiment, artifact_root)
     found = c.search_runs([exp], f"tags.`lmm_ray.sweep` = '{sweep}' and tags.`lmm_ray.role` = '{PARENT}'", max_results=1)
@@ -106,7 +219,8 @@ def parent_run(uri: str, experiment: str, sweep: str, config: dict, artifact_roo
         c.update_run(run_id, status="RUNNING")
     else:
         run_id = c.create_run(exp, run_name=sweep, tags={"lmm_ray.sweep": sweep, "lmm_ray.role": PARENT}).info.run_id
-    _params(c, run_id, _flat(config))
+    stages = [s.get("name", s.get("skill", "?")) if isinstance(s, dict) else str(s) for s in config.get("stages", [])]
+    _params(c, run_id, {**_flat(config), "step_to_skill": step_skills(stages)})
     return run_id
 
 
@@ -126,16 +240,28 @@ def child_runs(uri: str, experiment: str, sweep: str) -> list:
     return c.search_runs([exp.experiment_id], f"tags.`lmm_ray.sweep` = '{sweep}' and tags.`lmm_ray.role` = '{CHILD}'", max_results=5000)
 
 
+class Links:
+    """One trial, three names: Tune's trial id -> its Optuna trial number (filled by the searcher,
+    sweep.StageAwareOptunaSearch) and -> its MLflow run id (filled by TrialLogger). Both live in
+    the sweep's driver process; each reads what the other wrote."""
+
+    def __init__(self):
+        self.optuna: dict[str, int] = {}
+        self.runs: dict[str, str] = {}
+
+
+LINKS = Links()
+
+
 class TrialLogger(Callback):
     """Tune callback: a child run per trial with params, per-stage metrics, status and stage table."""
 
-    def __init__(self, uri: str, experiment: str, sweep: str, parent_id: str, base_params: dict, stages_total: int,
-                 predictions_root: str | None = None):
+    def __init__(self, uri: str, experiment: str, sweep: str, parent_id: str, stages_total: int,
+                 base_metrics: dict | None = None, stage_names=(), predictions_root: str | None = None):
         self.uri, self.experiment, self.sweep, self.parent_id = uri, experiment, sweep, parent_id
+        self.stages_total, self.base_metrics, self.stage_names = stages_total, base_metrics, tuple(stage_names)
         self.predictions_root = predictions_root  # <sweep>/predictions: each trial's JSONL files, logged at its end
-        self.base_params, self.stages_total = base_params, stages_total
         self._runs: dict[str, str] = {}
-        self._rows: dict[str, list[dict]] = {}
         self._steps: dict[str, dict[int, float | None]] = {}  # run id -> {stage: objective logged}
 
     def _run(self, trial) -> str:
@@ -149,53 +275,62 @@ class TrialLogger(Callback):
             run_id = found[0].info.run_id
             c.update_run(run_id, status="RUNNING")
         else:
+            number = LINKS.optuna.get(trial.trial_id)
+            config = dict(trial.config or {})
             tags = {"mlflow.parentRunId": self.parent_id, "lmm_ray.sweep": self.sweep, "lmm_ray.role": CHILD,
-                    "lmm_ray.trial_id": trial.trial_id, "lmm_ray.status": "running"}
-            name = f"{trial.config.get('recipe', 'trial')}-{trial.trial_id}"
-            run_id = c.create_run(exp, run_name=name, tags=tags).info.run_id
+                    "lmm_ray.trial_id": trial.trial_id, "lmm_ray.status": "running",
+                    "lmm_ray.config": json.dumps(config, default=str)}  # the exact sampled values
+            if number is not None:
+                tags["lmm_ray.optuna_trial"] = str(number)
+            steps = step_skills(getattr(self, "stage_names", ()))
+            tags[NOTE] = (f"Trial `{trial.trial_id}` (Tune) = Optuna trial {number if number is not None else '?'}. "
+                          f"Steps: {steps}.")
+            run_id = c.create_run(exp, run_name=run_name(config, number), tags=tags).info.run_id
         self._runs[trial.trial_id] = run_id
+        LINKS.runs[trial.trial_id] = run_id
         return run_id
 
     def on_trial_start(self, iteration, trials, trial, **info):
         run_id = self._run(trial)
-        params = {**self.base_params, **{f"search.{k}": v for k, v in trial.config.items()}}
-        params.update({k: v for k, v in trial.config.items() if k in ("recipe", "lr")})
-        _params(client(self.uri), run_id, params)
+        _params(client(self.uri), run_id, {k: fmt_value(v) for k, v in (trial.config or {}).items()})
+        base = getattr(self, "base_metrics", None)
+        if base and 0 not in self._logged_steps(run_id):
+            self._log_step(run_id, 0, base_step(base), 0)
 
     def _logged_steps(self, run_id: str) -> dict[int, float | None]:
         """{stage: objective} already in the run (read from MLflow once: a resumed sweep's runs have history)."""
         if run_id not in self._steps:
             c = client(self.uri)
-            steps: dict[int, float | None] = {m.step: m.value for m in c.get_metric_history(run_id, "objective")}
-            for m in c.get_metric_history(run_id, "stage"):
-                steps.setdefault(m.step, None)
-            self._steps[run_id] = steps
+            self._steps[run_id] = {m.step: m.value for m in c.get_metric_history(run_id, "objective")}
         return self._steps[run_id]
 
-    def on_trial_result(self, iteration, trials, trial, result, **info):
+    def _log_step(self, run_id: str, step: int, metrics: dict[str, float], ts: int) -> None:
         from mlflow.entities import Metric
 
+        self._logged_steps(run_id)[step] = metrics.get("objective")
+        batch = [Metric(k, v, ts, step) for k, v in metrics.items()]
+        c = client(self.uri)
+        for i in range(0, len(batch), 500):
+            c.log_batch(run_id, metrics=batch[i : i + 500])
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self._run(trial)
         step = int(result.get("stage", 0))
+        metrics = stage_metrics(result, getattr(self, "base_metrics", None))
         # A trial restarted after its last checkpoint (a resumed sweep, a retried trial) reports that
         # stage again with the same values: log it once, so the history keeps one point per stage.
         # A stage that was really trained again (its checkpoint was lost) has new values and is logged.
         logged = self._logged_steps(run_id)
-        obj = result.get("objective")
-        obj = float(obj) if isinstance(obj, (int, float)) and math.isfinite(float(obj)) else None
+        obj = metrics.get("objective")
         if step in logged and (logged[step] == obj or (obj is not None and logged[step] is not None
                                                        and math.isclose(logged[step], obj, rel_tol=1e-9, abs_tol=1e-12))):
             return
-        logged[step] = obj
-        ts = int(result.get("timestamp", 0) * 1000)
-        metrics = [Metric(k.replace("@", "_"), float(v), ts, step) for k, v in result.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
-                   and not k.startswith(("config/", "time_", "timestamp", "pid", "training_iteration", "iterations_since"))]
+        self._log_step(run_id, step, metrics, int(result.get("timestamp", 0) * 1000))
         c = client(self.uri)
-        for i in range(0, len(metrics), 500):
-            c.log_batch(run_id, metrics=metrics[i : i + 500])
-        if "trainable" in result:  # trainable count per role, as params (_params skips those already logged)
-            _params(c, run_id, {k: result[k] for k in result if k.startswith("roles/") or k in ("trainable", "total_params")})
+        c.set_tag(run_id, "lmm_ray.stages_completed", str(step))
+        if "trainable" in result:  # the recipe's size: constant per trial, so params (logged once)
+            sizes = {k: result[k] for k in result if k.startswith("roles/") or k in results.SIZE_COLUMNS}
+            _params(c, run_id, {k: fmt_value(v) if k == "trainable_share" else v for k, v in sizes.items()})
 
     def _end(self, trial, status: str, reason: str, mlflow_status: str):
         c = client(self.uri)
@@ -206,7 +341,7 @@ class TrialLogger(Callback):
         hist = self.stage_table(trial)
         if hist is not None and len(hist):
             buf = io.StringIO()
-            hist.to_csv(buf, index=False)
+            hist.to_csv(buf, index=False, float_format="%.4g")
             c.log_text(run_id, buf.getvalue(), "stage_table.csv")
         preds = Path(self.predictions_root) / trial.trial_id if self.predictions_root else None
         if preds is not None and preds.is_dir():
@@ -230,14 +365,67 @@ class TrialLogger(Callback):
         self._end(trial, "failed", f"trial raised an error (see {err})" if err else "trial raised an error", "FAILED")
 
 
-def log_summary(uri: str, parent_id: str, files, best, front_size: int) -> None:
-    """The sweep's tables and plots as artifacts of its parent run, with the best trial."""
+# ---------------------------------------------------------------------------------------------
+# The sweep's result in MLflow
+
+
+def trial_run_ids(uri: str, experiment: str, sweep: str) -> dict[str, str]:
+    """Tune trial id -> MLflow run id of the sweep's trial runs."""
+    return {r.data.tags.get("lmm_ray.trial_id"): r.info.run_id for r in child_runs(uri, experiment, sweep)}
+
+
+def tag_trials(uri: str, experiment: str, sweep: str, front_ids, picks: dict[str, str]) -> dict[str, str]:
+    """Mark the trial runs: `pareto_optimal` true/false on each, `pick` (e.g. "knee, max-learning")
+    on the picked ones and removed from the others (a re-run may pick differently). Returns the
+    trial id -> run id map."""
+    c = client(uri)
+    on = set(map(str, front_ids))
+    runs = child_runs(uri, experiment, sweep)
+    for r in runs:
+        tid = r.data.tags.get("lmm_ray.trial_id")
+        want = {PARETO_TAG: "true" if tid in on else "false"}
+        chosen = ", ".join(how for how, t in picks.items() if str(t) == tid)
+        if chosen:
+            want[PICK_TAG] = chosen
+        elif PICK_TAG in r.data.tags:
+            c.delete_tag(r.info.run_id, PICK_TAG)
+        for k, v in want.items():
+            if r.data.tags.get(k) != v:
+                c.set_tag(r.info.run_id, k, v)
+    return {r.data.tags.get("lmm_ray.trial_id"): r.info.run_id for r in runs}
+
+
+def log_summary(uri: str, parent_id: str, files, description: str, metrics: dict[str, float], tags: dict[str, str]) -> None:
+    """The sweep's tables and plots as artifacts of its parent run, its description (markdown),
+    and summary metrics and tags. A metric whose latest value is unchanged is not logged again,
+    so a re-run of a finished sweep leaves the parent's history as it was."""
     for f in files:
         log_artifact(uri, parent_id, f)
     c = client(uri)
-    c.log_metric(parent_id, "best_objective", float(best["objective"]))
-    c.log_metric(parent_id, "front_size", front_size)
-    c.set_tag(parent_id, "best_trial", str(best["trial_id"]))
+    have = c.get_run(parent_id).data
+    for k, v in metrics.items():
+        v = readable(float(v))
+        if math.isfinite(v) and not (k in have.metrics and math.isclose(have.metrics[k], v, rel_tol=1e-9, abs_tol=1e-12)):
+            c.log_metric(parent_id, k, v)
+    for k, v in {**tags, NOTE: description}.items():
+        if have.tags.get(k) != v:
+            c.set_tag(parent_id, k, v)
+
+
+def log_result(cfg, parent: str, res: pd.DataFrame, front: pd.DataFrame, files) -> None:
+    """The Pareto front in MLflow: tags on the trial runs (Pareto-optimal, picks), the tables as the
+    parent run's description, the best run's id, the front's size and hypervolume."""
+    chosen = results.picks(res)
+    run_ids = tag_trials(cfg.mlflow_uri, cfg.experiment, cfg.name, front["trial_id"], chosen)
+    names = {r.data.tags.get("lmm_ray.trial_id"): r.info.run_name
+             for r in child_runs(cfg.mlflow_uri, cfg.experiment, cfg.name)}
+    best = results.finished_best(res)
+    ref = results.reference(cfg.objective)
+    metrics = {"best_objective": best["objective"], "front_size": len(front),
+               "hypervolume": pareto.front_hypervolume(res, ref=ref)}
+    tags = {"best_trial": str(best["trial_id"]), "best_run_id": run_ids.get(str(best["trial_id"]), ""),
+            **{f"pick.{how}": run_ids.get(t, "") for how, t in chosen.items()}}
+    log_summary(cfg.mlflow_uri, parent, files, results.describe(cfg, res, front, chosen, names), metrics, tags)
 
 
 def results_from_mlflow(uri: str, experiment: str, sweep: str) -> pd.DataFrame:
@@ -245,9 +433,22 @@ def results_from_mlflow(uri: str, experiment: str, sweep: str) -> pd.DataFrame:
     whose results.csv is gone or was never written (a killed driver)."""
     rows = []
     for r in child_runs(uri, experiment, sweep):
-        p, m, t = r.data.params, r.data.metrics, r.data.tags
-        config = {"recipe": p.get("recipe"), "lr": p.get("lr", "nan"),
-                  **{k[len("search."):]: v for k, v in p.items() if k.startswith("search.") and k not in ("search.recipe", "search.lr")}}
-        rows.append(results.result_row(t.get("lmm_ray.trial_id"), t.get("lmm_ray.status", "running"),
-                                       t.get("lmm_ray.reason", ""), config, m))
+        p, m, t = r.data.params, dict(r.data.metrics), r.data.tags
+        if "lmm_ray.config" in t:  # the exact sampled values (params show them rounded)
+            config = json.loads(t["lmm_ray.config"])
+        else:  # runs logged before the config tag: search.* params
+            config = {"recipe": p.get("recipe"), "lr": p.get("lr", "nan"),
+                      **{k[len("search."):]: v for k, v in p.items() if k.startswith("search.") and k not in ("search.recipe", "search.lr")}}
+        for agg, name in FINAL_ALIASES.items():
+            m.setdefault(agg, m.get(name, float("nan")))
+        m.setdefault("heldout_change_worst", m.get("heldout/change_worst", float("nan")))
+        for k in results.SIZE_COLUMNS:
+            if k in p:
+                m.setdefault(k, float(p[k]))
+        if "lmm_ray.stages_completed" in t:
+            m["stage"] = int(t["lmm_ray.stages_completed"])
+        row = results.result_row(t.get("lmm_ray.trial_id"), t.get("lmm_ray.status", "running"), t.get("lmm_ray.reason", ""), config, m)
+        if "lmm_ray.optuna_trial" in t:
+            row["optuna_trial"] = int(t["lmm_ray.optuna_trial"])
+        rows.append(row)
     return pd.DataFrame(rows)

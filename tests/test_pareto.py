@@ -287,3 +287,60 @@ def test_load_results(tmp_path):
     assert export_recipe(results.iloc[4], tmp_path / "e.yaml")["lora_rank"] == 8
     assert list(front(results)["trial_id"]) == ["c", "b", "a", "g"]
     assert OBJECTIVES[2] == ("counting_bias", "min")
+
+
+# --- reference point, id columns, one colour per recipe --------------------------------------------
+
+
+def test_hypervolume_against_a_chosen_reference():
+    df = table()  # every finished trial forgets, so against the base (0, 0, 0) the volume is 0
+    assert front_hypervolume(df) == 0.0
+    ref = {"learning": 0.0, "heldout_change": -50.0, "counting_bias": 0.2}
+    # front a=(25,-.5,.01) b=(30,-2,.02) c=(32,-23,.2: ties the bias bound, adds nothing) g=a
+    # boxes a: 25 x 49.5 x 0.19, b: 30 x 48 x 0.18, overlapping in 25 x 48 x 0.18
+    expected = 25 * 49.5 * 0.19 + 30 * 48 * 0.18 - 25 * 48 * 0.18
+    assert front_hypervolume(df, ref=ref) == pytest.approx(expected)
+    assert front_hypervolume(df, ref=[0, -50, 0.2]) == pytest.approx(expected)
+    assert pareto.format_reference(ref) == "learning 0, held-out change -50, counting bias +0.2"
+
+
+def test_tables_carry_the_trial_ids():
+    df = table().assign(optuna_trial=range(7))
+    text = format_table(df, front_ids=front(df)["trial_id"])
+    head, first = text.splitlines()[:2]
+    assert head.split()[:4] == ["*", "trial", "optuna", "recipe"] and first.split()[:4] == ["*", "a", "0", "sa_proj"]
+    md = pareto.format_markdown(df, front_ids=front(df)["trial_id"]).splitlines()
+    assert md[0].startswith("| Pareto | trial | optuna | recipe | lr | learning |") and md[1].startswith("|---|")
+    assert md[2].startswith("| ✓ | a | 0 | sa_proj | 1e-4 | +25.00 |")  # pp to 2 decimals
+
+
+def test_one_colour_per_recipe_in_both_plots(tmp_path):
+    df = table()
+    colours = pareto.recipe_colours(df["recipe"])
+    assert colours == pareto.recipe_colours(reversed(list(df["recipe"])))  # order-independent
+    assert len(set(colours.values())) == len(colours) == df["recipe"].nunique()
+    many = pareto.recipe_colours([f"r{i}" for i in range(12)])  # beyond tab10: still one colour each
+    assert len({tuple(c) for c in many.values()}) == 12
+    assert_png(plot_tradeoff(df, tmp_path / "t.png", colours=colours))
+    out = plot_stages(stage_table(), ["a", "b"], ["sa_proj lr=1e-4", "mlp_gate_up lr=1e-4"], tmp_path / "s.png",
+                      colours=[colours["sa_proj"], colours["mlp_gate_up"]], title="the 2 Pareto-optimal trials of 7")
+    assert_png(out)
+
+
+def test_cli_pareto_prints_ids_and_the_reference(tmp_path, capsys):
+    import json
+
+    from lmm_ray import cli
+
+    table().assign(optuna_trial=range(7)).to_csv(tmp_path / "results.csv", index=False)
+    stage_table().to_csv(tmp_path / "stages.csv", index=False)
+    (tmp_path / "sweep.json").write_text(json.dumps({"name": "x", "objective": {"reference_heldout_change": -30.0}}))
+    assert cli.main(["pareto", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[1].split()[:3] == ["*", "trial", "optuna"]
+    assert "reference point (learning 0, held-out change -30, counting bias +0.2" in out  # the sweep's, printed
+    assert cli.main(["pareto", str(tmp_path), "--json", "--reference", "heldout_change=-50"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["reference"] == {"learning": 0.0, "heldout_change": -50.0, "counting_bias": 0.2}
+    assert got["hypervolume"] == pytest.approx(front_hypervolume(table(), ref=got["reference"])) and got["hypervolume"] > 0
+    assert cli.main(["pareto", str(tmp_path), "--reference", "bias=1"]) == 2

@@ -13,6 +13,8 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +25,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from lmm_ray import cli
+from lmm_ray import cli, pareto, tracking
 
 pytestmark = pytest.mark.slow
 
@@ -170,29 +172,50 @@ def test_mlflow_one_parent_and_a_nested_child_per_trial(multi):
     res = results(multi.dir).set_index("trial_id")
     c = mlflow_client(multi.dir)
     assert {r.data.tags["lmm_ray.trial_id"] for r in children} == set(res.index)
+    base = json.loads((multi.dir / "base_eval.json").read_text())["metrics"]
     for run in children:
-        tid, tags, params = run.data.tags["lmm_ray.trial_id"], run.data.tags, run.data.params
+        tid, tags, params, metrics = run.data.tags["lmm_ray.trial_id"], run.data.tags, run.data.params, run.data.metrics
         row = res.loc[tid]
         assert tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.info.status == "FINISHED" and tags["lmm_ray.status"] == "finished"
-        # per-stage metrics: one point per stage, steps 1..S
-        for key in ("heldout/mean_acc", "objective", "learning", "heldout_change", "counting_bias", "target/count/acc"):
-            assert [s for s, _ in history(c, run.info.run_id, key)] == list(range(1, S + 1)), key
-        assert history(c, run.info.run_id, "learning")[-1][1] == pytest.approx(row["learning"])
-        # params: the sampled values, the resolved sweep config, trainable counts per role
-        assert params["recipe"] == row["recipe"]
-        assert float(params["lr"]) == pytest.approx(row["lr"], rel=1e-6)
-        assert params["sweep.model"] == "base:qwen2_5_vl@ci"
-        assert params["sweep.train.n_train"] == "32" and params["sweep.eval.n_per_skill"] == "8"
-        assert params["sweep.objective.mode"] == "multi" and params["sweep.search.algorithm"] == "nsga2"
+        # one name per trial: recipe, lr and the Optuna number in the run name; Tune's id and the number as tags
+        assert run.info.run_name == f"{row['recipe']} lr={pareto.fmt_lr(row['lr'])} #{row['optuna_trial']}"
+        assert tags["lmm_ray.optuna_trial"] == str(row["optuna_trial"])
+        # per-stage metrics: one point per stage, step 0 = the base; names with one slash level
+        for key in ("heldout/mean", "objective", "learning", "heldout_change", "heldout/change", "counting_bias", "target/count"):
+            assert [s for s, _ in history(c, run.info.run_id, key)] == list(range(0, S + 1)), key
+        assert history(c, run.info.run_id, "heldout/mean")[0] == (0, pytest.approx(base["heldout/mean_acc"], abs=0.01))
+        assert history(c, run.info.run_id, "learning")[0] == (0, 0.0)
+        assert history(c, run.info.run_id, "learning")[-1][1] == pytest.approx(row["learning"], rel=1e-3, abs=0.01)
+        assert all(k.count("/") <= 1 for k in metrics), sorted(metrics)
+        assert not {"stage", "stages_total", "trainable", "total_params", "trainable_share", "timesteps_total",
+                    "heldout_change_final"} & set(metrics)
+        assert not [k for k in metrics if k.startswith("roles/")]
+        # params: the sampled values (once, readable), the recipe's sizes; the sweep config is the parent's
+        assert params["recipe"] == row["recipe"] and params["lr"] == pareto.fmt_lr(row["lr"])
+        assert json.loads(tags["lmm_ray.config"])["lr"] == pytest.approx(row["lr"], rel=1e-12)
+        assert not [k for k in params if k.startswith(("sweep.", "search."))], sorted(params)
         assert int(params["trainable"]) == row["trainable"] > 0
         roles = {k: int(v) for k, v in params.items() if k.startswith("roles/")}
         assert roles and sum(roles.values()) == int(params["trainable"]), roles
+        # the Pareto front in MLflow
+        front = set(pd.read_csv(multi.dir / "pareto.csv", dtype={"trial_id": str})["trial_id"])
+        assert tags["pareto_optimal"] == ("true" if tid in front else "false")
         # the stage table artifact
         assert "stage_table.csv" in [a.path for a in c.list_artifacts(run.info.run_id)]
         table = pd.read_csv(c.download_artifacts(run.info.run_id, "stage_table.csv", str(multi.dir / f"dl_{tid}")))
         assert table["stage"].tolist() == list(range(1, S + 1))
         assert {"heldout/mean_acc", "learning", "objective"} <= set(table.columns)
+    picks = {p for r in children for p in r.data.tags.get("pick", "").split(", ") if p}
+    assert picks == {"knee", "max-learning", "min-forgetting"}
+    # the parent: the sweep config (only here), the stage map, the result as its description
+    pp, pt = parent.data.params, parent.data.tags
+    assert pp["model"] == "base:qwen2_5_vl@ci" and pp["train.n_train"] == "32" and pp["eval.n_per_skill"] == "8"
+    assert pp["objective.mode"] == "multi" and pp["search.algorithm"] == "nsga2"
+    assert pp["step_to_skill"] == "0 base, 1 count, 2 clock"
+    assert pt["best_run_id"] in {r.info.run_id for r in children}
+    assert "### Pareto-optimal trials" in pt["mlflow.note.content"] and "hypervolume" in pt["mlflow.note.content"]
+    assert "hypervolume" in parent.data.metrics
     parent_files = {a.path for a in c.list_artifacts(parent.info.run_id)}
     assert {"pareto.csv", "results.csv", "stages.csv", "tradeoff.png", "heldout_by_stage.png"} <= parent_files, parent_files
 
@@ -217,10 +240,8 @@ def test_predictions_of_every_skill_and_stage_rescore_to_the_logged_value(multi,
                 metric = rows[0]["metric"]
                 assert cli.main(["score", str(path), "--metric", metric, "--json"]) == 0
                 score = json.loads(capsys.readouterr().out)["score"]
-                logged = history(c, run.info.run_id, f"{kind}/{skill}/acc") if stage else None
-                want = dict(logged)[stage] if logged else \
-                    json.loads((multi.dir / "base_eval.json").read_text())["metrics"][f"{kind}/{skill}/acc"]
-                assert score == pytest.approx(want), (tid, stage, skill)
+                logged = dict(history(c, run.info.run_id, tracking.mlflow_name(f"{kind}/{skill}/acc")))
+                assert score == pytest.approx(logged[stage]), (tid, stage, skill)  # stage 0: the base
 
 
 def test_multi_objective_optuna_study(multi):
@@ -230,13 +251,21 @@ def test_multi_objective_optuna_study(multi):
     study = optuna.load_study(study_name=multi.name, storage=f"sqlite:///{multi.dir / 'optuna.db'}")
     assert study.directions == [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MAXIMIZE,
                                 optuna.study.StudyDirection.MINIMIZE]
+    assert study.metric_names == ["learning", "heldout_change", "counting_bias"]  # optuna-dashboard's axes
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(done) == 2 == len(study.trials)
     res = results(multi.dir)
+    _, children = sweep_runs(multi.dir, multi.name)
+    run_of = {r.data.tags["lmm_ray.trial_id"]: r.info.run_id for r in children}
     for t in done:
         row = res[(res["recipe"] == t.params["recipe"]) & ((res["lr"] - t.params["lr"]).abs() < 1e-12)]
         assert len(row) == 1, (t.params, res[["recipe", "lr"]])
         assert t.values == pytest.approx(row[["learning", "heldout_change", "counting_bias"]].iloc[0].tolist())
+        # the three names of one trial, linked: Tune id, MLflow run id, Optuna number
+        tid = t.user_attrs["tune_trial_id"]
+        assert tid == row["trial_id"].iloc[0] and row["optuna_trial"].iloc[0] == t.number
+        assert t.user_attrs["mlflow_run_id"] == run_of[tid]
+        assert [t.user_attrs[k] for k in ("learning", "heldout_change", "counting_bias")] == pytest.approx(t.values)
 
 
 def test_progress_table_shows_only_the_chosen_columns(multi):
@@ -251,6 +280,36 @@ def test_progress_table_shows_only_the_chosen_columns(multi):
     assert multi.log.count("== Status ==") >= 3  # shown during the run, not only at the end
     assert "heldout/color/acc" not in multi.log  # no per-result dump of every metric
     assert "Reporting training result" not in multi.log
+
+
+RAY_ERROR_LINE = re.compile(r"\d\d:\d\d:\d\d,\d+ E \d+ \d+\]|\bERROR\b|\bCRITICAL\b")
+
+
+def test_console_is_quiet_and_ends_with_where_to_look(multi):
+    """A healthy sweep prints no traceback, no error-level line, no per-trial PreemptionWatcher
+    error, no bar per update; it ends with the MLflow URL, the command and the Optuna dashboard."""
+    assert "Traceback" not in multi.log
+    bad = [ln for ln in multi.log.splitlines() if RAY_ERROR_LINE.search(ln)]
+    assert not bad, bad
+    assert "PreemptionWatcher" not in multi.log and "Loading weights" not in multi.log
+    assert "A new study created" not in multi.log and "Result logdir" not in multi.log
+    tail = multi.log[multi.log.index(f"== sweep {multi.name}:"):]
+    assert "hypervolume" in tail and "reference point (learning 0, held-out change -50, counting bias +0.2" in tail
+    assert re.search(r"runs table: http://127\.0\.0\.1:5000/#/experiments/\d+/runs\?workflowType=machine_learning", tail), tail
+    assert f"ui {multi.dir}" in tail and f"optuna-dashboard sqlite:///{multi.dir / 'optuna.db'}" in tail
+
+
+def test_mlflow_ui_lists_the_trial_runs_in_a_browser(multi):
+    """scripts/browser_check.py: `lmm-ray ui` on the finished sweep, the printed URL in headless
+    Chromium, every trial run's name on the page."""
+    if not any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")) and not os.environ.get("CHROMIUM"):
+        pytest.skip("no Chromium installed (apt-get install chromium): the headless-browser check did not run")
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "browser_check.py"), str(multi.dir),
+                          "--screenshot", str(multi.dir / "ui.png")], capture_output=True, text=True, timeout=400,
+                         cwd=ROOT, env=_env())
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "trial runs found 2/2" in out.stdout and "2 matching runs" in out.stdout, out.stdout
+    assert (multi.dir / "ui.png").stat().st_size > 10000
 
 
 def test_front_never_includes_unfinished_trials(multi):
@@ -323,11 +382,12 @@ def test_resume_after_kill(storage, capsys, monkeypatch):
     parents, children = sweep_runs(d, name)
     assert len(parents) == 1 and len(children) == 2, [r.data.tags for r in parents + children]  # no duplicates
     c = mlflow_client(d)
+    assert len(history(c, parents[0].info.run_id, "best_objective")) == 1
     for run in children:
         assert run.info.status == "FINISHED" and run.data.tags["lmm_ray.status"] == "finished"
         assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         # one point per stage, also for the trial that was running when the sweep was killed
-        assert [s for s, _ in history(c, run.info.run_id, "objective")] == list(range(1, S + 1))
+        assert [s for s, _ in history(c, run.info.run_id, "objective")] == list(range(0, S + 1))
     # the first trial was not run again: Tune did not restart it, Train wrote no new checkpoint
     assert (trial_dirs(d)[first] / "result.json").read_text().splitlines() == result_lines
     assert {f.name: f.stat().st_mtime_ns for f in train_dir.iterdir()} == before
@@ -368,7 +428,7 @@ def test_asha_single_objective(storage):
         row = by_tid.loc[run.data.tags["lmm_ray.trial_id"]]
         assert run.data.tags["lmm_ray.status"] == row["status"]
         assert run.info.status == "FINISHED"
-        assert [s for s, _ in history(c, run.info.run_id, "objective")] == list(range(1, int(row["stages_completed"]) + 1))
+        assert [s for s, _ in history(c, run.info.run_id, "objective")] == list(range(0, int(row["stages_completed"]) + 1))
     front = pd.read_csv(d / "pareto.csv", dtype={"trial_id": str})
     stopped = set(res.loc[res["status"] == "stopped", "trial_id"])
     assert not stopped & set(front["trial_id"])
