@@ -395,7 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     t.set_defaults(fn=cmd_train)
 
-    me = sub.add_parser("memory", help="estimated peak GPU memory of a training step, per part (no weights loaded)")
+    me = sub.add_parser("memory", help="estimated peak GPU memory of a training step, per part (no weights loaded)",
+                        description="Estimate the peak memory per GPU of one training step of a recipe (weights, "
+                                    "gradients, AdamW states, activations) from the model's configuration alone, and, "
+                                    "with --budget-gib, whether it fits and what would make it fit.")
     me.add_argument("model", help="hub id (the study's ship offline configs), local folder, tiny:<family> or base:<family>")
     me.add_argument("--recipe", required=True, help="a recipe name (lmm-ray recipes lists them)")
     me.add_argument("--workers", type=int, default=1, help="GPUs the trial uses (default 1)")

@@ -312,7 +312,7 @@ def subset_eval_set(es, idx: Sequence[int]):
     """An `evaluate.EvalSet` restricted to the items `idx` (repeats allowed: the padding)."""
     t = torch.tensor(list(idx), dtype=torch.long)
     per_sample = {f.name: [getattr(es, f.name)[i] for i in idx] for f in dataclasses.fields(es)
-                  if isinstance(getattr(es, f.name), list) and len(getattr(es, f.name)) == len(es)}
+                  if f.name != "encodings" and isinstance(getattr(es, f.name), list) and len(getattr(es, f.name)) == len(es)}
     # lazy encodings (data.LazyEncodings) stay lazy: each rank processes only its share, per batch
     enc = es.encodings.select(idx) if hasattr(es.encodings, "select") else [es.encodings[i] for i in idx]
     return dataclasses.replace(es, **per_sample, encodings=enc, gold_first_token=es.gold_first_token[t],

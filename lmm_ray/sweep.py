@@ -108,10 +108,10 @@ def _scaling(cfg: SweepConfig):
                                    resources_per_worker=cluster.worker_bundle(r))
 
 
-def quiet_train_loop(config: dict) -> None:
-    """train.train_loop_per_worker without Ray Train's INFO line per report, which repeats every
-    metric of the stage (~60) on the driver's console. That logger is named after its file
-    (`logging.getLogger(__file__)` in Ray 2.60), so RunConfig's LoggingConfig does not reach it."""
+def _quiet_reports() -> None:
+    """No Ray Train INFO line per report, which repeats every metric of the stage (~60) on the
+    driver's console. That logger is named after its file (`logging.getLogger(__file__)` in Ray
+    2.60), so RunConfig's LoggingConfig does not reach it."""
     import logging
 
     try:
@@ -120,9 +120,22 @@ def quiet_train_loop(config: dict) -> None:
         logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     except Exception:  # noqa: BLE001 - private module; only the console noise depends on it
         pass
+
+
+def quiet_train_loop(config: dict) -> None:
+    """train.train_loop_per_worker, quietly (_quiet_reports)."""
     from lmm_ray.train import train_loop_per_worker
 
+    _quiet_reports()
     train_loop_per_worker(config)
+
+
+def quiet_base_loop(config: dict) -> None:
+    """train.base_loop_per_worker, quietly (_quiet_reports)."""
+    from lmm_ray.train import base_loop_per_worker
+
+    _quiet_reports()
+    base_loop_per_worker(config)
 
 
 def make_trial_fn(cfg: SweepConfig, base_packed: dict):
@@ -163,14 +176,12 @@ def evaluate_base(cfg: SweepConfig) -> str:
     import ray.train
     import ray.train.torch
 
-    from lmm_ray.train import base_loop_per_worker
-
     spec = trial_spec(cfg, cfg.search_space.example(), trial_id="base")
     result = ray.train.torch.TorchTrainer(
-        base_loop_per_worker,
+        quiet_base_loop,
         train_loop_config={"trial": spec.to_dict(), "threads": max(1, int(cfg.resources.cpus_per_worker))},
         scaling_config=_scaling(cfg),
-        run_config=ray.train.RunConfig(name="base", storage_path=_train_storage(cfg),
+        run_config=ray.train.RunConfig(name="base_eval", storage_path=cfg.sweep_dir,
                                        logging_config=ray.train.LoggingConfig(log_level="WARNING")),
     ).fit()
     with result.checkpoint.as_directory() as d:
