@@ -286,14 +286,19 @@ class TrialLogger(Callback):
             tags[NOTE] = (f"Trial `{trial.trial_id}` (Tune) = Optuna trial {number if number is not None else '?'}. "
                           f"Steps: {steps}.")
             run_id = c.create_run(exp, run_name=run_name(config, number), tags=tags).info.run_id
+            self._steps[run_id] = {}  # a new run has no history to read back
         self._runs[trial.trial_id] = run_id
         LINKS.runs[trial.trial_id] = run_id
         return run_id
 
     def on_trial_start(self, iteration, trials, trial, **info):
         run_id = self._run(trial)
-        _params(client(self.uri), run_id, {k: fmt_value(v) for k, v in (trial.config or {}).items()})
+        params = {k: fmt_value(v) for k, v in (trial.config or {}).items()}
         base = getattr(self, "base_metrics", None)
+        if base and self._steps.get(run_id) == {}:  # a run created just now: params and step 0 in one call
+            self._log_step(run_id, 0, base_step(base), 0, params)
+            return
+        _params(client(self.uri), run_id, params)  # a run found again: only the params it lacks
         if base and 0 not in self._logged_steps(run_id):
             self._log_step(run_id, 0, base_step(base), 0)
 
@@ -304,14 +309,17 @@ class TrialLogger(Callback):
             self._steps[run_id] = {m.step: m.value for m in c.get_metric_history(run_id, "objective")}
         return self._steps[run_id]
 
-    def _log_step(self, run_id: str, step: int, metrics: dict[str, float], ts: int) -> None:
-        from mlflow.entities import Metric
+    def _log_step(self, run_id: str, step: int, metrics: dict[str, float], ts: int, params=None, tags=None) -> None:
+        """One stage in one MLflow call where it fits (Tune warns when a callback takes > 0.5 s)."""
+        from mlflow.entities import Metric, Param, RunTag
 
         self._logged_steps(run_id)[step] = metrics.get("objective")
         batch = [Metric(k, v, ts, step) for k, v in metrics.items()]
+        extra = {"params": [Param(k[:250], str(v)[:6000]) for k, v in (params or {}).items()],
+                 "tags": [RunTag(k, str(v)) for k, v in (tags or {}).items()]}
         c = client(self.uri)
-        for i in range(0, len(batch), 500):
-            c.log_batch(run_id, metrics=batch[i : i + 500])
+        for i in range(0, max(1, len(batch)), 500):
+            c.log_batch(run_id, metrics=batch[i : i + 500], **(extra if i == 0 else {}))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self._run(trial)
@@ -325,19 +333,21 @@ class TrialLogger(Callback):
         if step in logged and (logged[step] == obj or (obj is not None and logged[step] is not None
                                                        and math.isclose(logged[step], obj, rel_tol=1e-9, abs_tol=1e-12))):
             return
-        self._log_step(run_id, step, metrics, int(result.get("timestamp", 0) * 1000))
-        c = client(self.uri)
-        c.set_tag(run_id, "lmm_ray.stages_completed", str(step))
-        if "trainable" in result:  # the recipe's size: constant per trial, so params (logged once)
-            sizes = {k: result[k] for k in result if k.startswith("roles/") or k in results.SIZE_COLUMNS}
-            _params(c, run_id, {k: fmt_value(v) if k == "trainable_share" else v for k, v in sizes.items()})
+        params, sized = {}, self.__dict__.setdefault("_sized", set())
+        if "trainable" in result and run_id not in sized:  # the recipe's size: constant per trial: params, once
+            have = client(self.uri).get_run(run_id).data.params
+            params = {k: fmt_value(v) if k == "trainable_share" else v for k, v in result.items()
+                      if (k.startswith("roles/") or k in results.SIZE_COLUMNS) and k not in have}
+            sized.add(run_id)
+        self._log_step(run_id, step, metrics, int(result.get("timestamp", 0) * 1000), params,
+                       {"lmm_ray.stages_completed": step})
 
     def _end(self, trial, status: str, reason: str, mlflow_status: str):
+        from mlflow.entities import RunTag
+
         c = client(self.uri)
         run_id = self._run(trial)
-        c.set_tag(run_id, "lmm_ray.status", status)
-        if reason:
-            c.set_tag(run_id, "lmm_ray.reason", reason[:5000])
+        c.log_batch(run_id, tags=[RunTag("lmm_ray.status", status)] + ([RunTag("lmm_ray.reason", reason[:5000])] if reason else []))
         hist = self.stage_table(trial)
         if hist is not None and len(hist):
             buf = io.StringIO()

@@ -111,3 +111,19 @@ def test_ci_base_knows_heldout_skills_and_not_targets(ci_base, capsys):
     assert sum(held) / len(held) > 15, held  # clearly above chance on average
     for s in skills.target_skills():
         assert m[f"target/{s}/acc"] <= chance[s] + 15, (s, m[f"target/{s}/acc"], chance[s])
+
+
+def test_build_progress_in_a_log_is_a_line_per_tenth(capsys):
+    """Not a terminal (a Ray worker's forwarded output, a log file): 10 lines, not one per step."""
+    from lmm_ray import base
+
+    bar = base._EveryTenth(95, "base:x@y", True)
+    for _ in range(95):
+        bar.step(0.5)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 10 and lines[0].startswith("base:x@y: 10% (10/95 steps), loss 0.500")
+    assert lines[-1].startswith("base:x@y: 100% (95/95 steps)")
+    quiet = base._EveryTenth(95, "q", False)
+    for _ in range(95):
+        quiet.step(0.5)
+    assert capsys.readouterr().err == ""

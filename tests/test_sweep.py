@@ -470,3 +470,14 @@ def test_stage_reporter_prints_on_change_and_ranks_only_finished_trials():
     assert best.trial_id == "b" and metric == "objective"
     assert list(rep._metric_columns) == ["stage", "learning", "heldout_change", "counting_bias", "objective"]
     assert list(rep._parameter_columns) == ["recipe", "lr"]
+
+
+def test_worker_env_quiets_ray_train_and_hf_at_the_source(monkeypatch):
+    from lmm_ray import sweep
+
+    for k in ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "HF_HUB_DISABLE_PROGRESS_BARS"):
+        monkeypatch.delenv(k, raising=False)
+    env = sweep.worker_env()
+    assert env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0" and env["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")  # a user's own choice wins
+    assert sweep.worker_env()["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "1"
