@@ -280,8 +280,13 @@ def test_sweep_runs_on_two_nodes(two_nodes, tmp_path):
     # Where did the Train workers run? The State API keeps dead actors (with their node).
     ray.init(address=two_nodes.address, log_to_driver=False)
     try:
-        workers = list_actors(address=f"http://{two_nodes.webui_url}", filters=[("class_name", "=", "RayTrainWorker")],
-                              detail=True, limit=1000, raise_on_missing_output=False)
+        deadline = time.time() + 30  # the State API lists dead actors a little after they end (slower under load)
+        while True:
+            workers = list_actors(address=f"http://{two_nodes.webui_url}", filters=[("class_name", "=", "RayTrainWorker")],
+                                  detail=True, limit=1000, raise_on_missing_output=False)
+            if len(workers) >= 2 or time.time() > deadline:
+                break
+            time.sleep(2)
     finally:
         ray.shutdown()
     nodes = {w.node_id for w in workers}
