@@ -366,8 +366,12 @@ def evaluate(model, processor, eval_sets: Mapping[str, EvalSet], *, batch_size: 
     finally:
         model.train(was_training)
 
-    number_ids = probe.number_token_ids(tok)
-    report = EvalReport(results, {}, number_ids)
+    return make_report(results, tok, probe_base)
+
+
+def make_report(results: dict[str, SkillResult], tokenizer, probe_base: probe.ProbeBase | None) -> EvalReport:
+    """The report of complete skill results: the probe against `probe_base`, every metric finite."""
+    report = EvalReport(results, {}, probe.number_token_ids(tokenizer))
     if any(r.kind == "heldout" for r in results.values()):
         report.set_probe_base(probe_base)
     for k, v in report.metrics().items():

@@ -332,7 +332,6 @@ def evaluate_sharded(model, processor, eval_sets, *, batch_size: int = 64, max_n
     model too (each rank then evaluates 1/world of the prompts with its own full copy).
     """
     from lmm_ray import evaluate as E
-    from lmm_ray import probe
 
     rank, world = _rank_world()
     if world == 1:
@@ -354,10 +353,4 @@ def evaluate_sharded(model, processor, eval_sets, *, batch_size: int = 64, max_n
         if es.kind == "heldout":
             first = torch.cat([g[name][2][: _n_real(n, r, world)] for r, g in enumerate(everyone)])
         results[name] = E.skill_result(es, preds, scores, first)
-    report = E.EvalReport(results, {}, probe.number_token_ids(processor.tokenizer))
-    if any(r.kind == "heldout" for r in results.values()):
-        report.set_probe_base(probe_base)
-    for k, v in report.metrics().items():
-        if not math.isfinite(v):
-            raise ValueError(f"evaluate_sharded: metric {k} is not finite ({v})")
-    return report
+    return E.make_report(results, processor.tokenizer, probe_base)
