@@ -10,13 +10,13 @@ import json
 import math
 import os
 import shutil
-import signal
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import ray_faults
 import torch
 from safetensors.torch import load_file
 
@@ -75,21 +75,11 @@ def kill_loop(config: dict) -> None:
     import lmm_ray.train as T
 
     marks = Path(config["marks"])
-    snapshot = Path(config["run_dir"]) / "checkpoint_manager_snapshot.json"
     real = T.train_stage
 
     def wrapped(model, encs, **kw):
-        if kw["stage"] == 2 and kw["rank"] == 0 and not (marks / "killed").exists():
-            deadline = time.time() + 60
-            while time.time() < deadline:
-                try:
-                    if json.loads(snapshot.read_text()).get("latest_checkpoint_result"):
-                        break
-                except (OSError, ValueError):
-                    pass
-                time.sleep(0.2)
-            (marks / "killed").write_text(str(os.getpid()))
-            os.kill(os.getpid(), signal.SIGKILL)
+        if kw["stage"] == 2 and kw["rank"] == 0:
+            ray_faults.kill_once_after_checkpoint(marks, Path(config["run_dir"]))
         (marks / f"start{kw['stage']}.r{kw['rank']}.{os.getpid()}").touch()
         return real(model, encs, **kw)
 
@@ -114,6 +104,7 @@ def fsdp_runs(ray_local, small_spec, tmp_path_factory):
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this file
+    cloudpickle.register_pickle_by_value(ray_faults)
     specs = [replace(small_spec(r, stages=2, steps=4), strategy="fsdp", trial_id=r) for r in RECIPES]
     specs.append(replace(small_spec("sa_proj", stages=3, steps=4), strategy="fsdp", trial_id="sa_proj-3"))
     packed = train.pack_base(*train.base_evaluation(specs[-1]))  # the 3-stage spec evaluates every target

@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import ray_faults
 import torch
 from safetensors.torch import load_file
 
@@ -168,23 +168,13 @@ def faulty_loop(config: dict) -> None:
     import lmm_ray.train as T
 
     marks = Path(config["marks"])
-    snapshot = Path(config["run_dir"]) / "checkpoint_manager_snapshot.json"
     real = T.train_stage
 
     def wrapped(model, encs, **kw):
         stage = kw["stage"]
         (marks / f"start{stage}.{os.getpid()}").touch()
-        if stage == 2 and not (marks / "killed").exists():
-            deadline = time.time() + 60
-            while time.time() < deadline:
-                try:
-                    if json.loads(snapshot.read_text()).get("latest_checkpoint_result"):
-                        break
-                except (OSError, ValueError):
-                    pass
-                time.sleep(0.2)
-            (marks / "killed").write_text(str(os.getpid()))
-            os.kill(os.getpid(), signal.SIGKILL)
+        if stage == 2:
+            ray_faults.kill_once_after_checkpoint(marks, Path(config["run_dir"]))
         return real(model, encs, **kw)
 
     T.train_stage = wrapped
@@ -195,6 +185,7 @@ def test_worker_killed_in_stage_2_resumes_from_stage_1_and_matches_uninterrupted
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test file
+    cloudpickle.register_pickle_by_value(ray_faults)
     spec = small_spec("sa_proj", stages=3, steps=4)
     packed = train.pack_base(*train.base_evaluation(spec))
     marks = tmp_path / "marks"
