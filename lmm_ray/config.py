@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import os
 import re
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import yaml
@@ -260,6 +260,9 @@ class SweepConfig:
     tracking: TrackingConfig = TrackingConfig()
     storage: str = "runs"  # absolute local path or URI
     recipes_file: str | None = None  # absolute
+    # The sweep file's folder (relative paths resolve against it): for messages only, so it is
+    # neither compared nor written (to_dict round-trips without it).
+    base_dir: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def sweep_dir(self) -> str:
@@ -334,7 +337,11 @@ def _model(v, base_dir: Path | None) -> str:
     if path.is_absolute() or v.startswith((".", "~")) or (base_dir and (base_dir / path).is_dir()) or path.is_dir():
         full = resolve_path(v, base_dir)
         if not full.is_dir():
-            raise ConfigError("model", f"local model folder not found: {full}", f"give an existing folder, or one of: {forms}")
+            tried = [full] if path.is_absolute() else dict.fromkeys(
+                (d / path).resolve() for d in (base_dir, Path.cwd()) if d is not None)
+            raise ConfigError("model", f"local model folder not found: {v} (looked in {' and '.join(map(str, tried))})",
+                              f"give an existing folder (relative paths: the sweep file's folder, then the current "
+                              f"directory), or one of: {forms}")
         return str(full)
     if re.fullmatch(r"[\w.-]+/[\w.-]+", v):
         return v  # a hub id
@@ -475,7 +482,7 @@ def _parse(raw, base_dir: Path | None) -> SweepConfig:
     storage = _storage(raw.get("storage", "runs"))
     tracking = _tracking(raw, name, storage)
     return SweepConfig(name, model, stages, heldout, space, storage=storage, tracking=tracking,
-                       recipes_file=recipes_file, **sections)
+                       recipes_file=recipes_file, base_dir=str(base_dir) if base_dir else None, **sections)
 
 
 # ---------------------------------------------------------------------------------------------

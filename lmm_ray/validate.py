@@ -50,8 +50,11 @@ def check_recipes(cfg: SweepConfig, offline: bool = False) -> tuple[str, dict]:
     """Resolve every recipe the search can produce on the model. Returns (family, {recipe: trainable})."""
     from lmm_ray import models, recipes
 
+    looked_in = [Path(d) / cfg.model for d in (cfg.base_dir, Path.cwd()) if d]
     try:
-        family, mconf = models.model_config(cfg.model, offline=offline)
+        family, mconf = models.model_config(cfg.model, offline=offline, looked_in=looked_in)
+    except models.ModelNotFound as e:
+        raise ConfigError("model", e.reason, models.HUB_FIX) from None
     except (OSError, ValueError) as e:
         raise ConfigError("model", f"cannot read the configuration of {cfg.model!r}: {e}",
                           "use a hub id this machine reaches, a local save_pretrained folder, tiny:<family> or base:<family>") from None

@@ -171,3 +171,105 @@ def test_no_password_is_printed_written_or_logged(capsys, tmp_path):
     with pytest.raises(ConnectionError) as e:
         tracking.check_reachable("http://bob:pa55word@127.0.0.1:9")
     assert "pa55word" not in str(e.value) and "bob:***@" in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model references: a local folder is never sent to the hub; a reference that is neither says both,
+# in one short request (transformers' own download retries for ~30 s, then blames the network).
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """The hub as this test wants it: online (HF_HUB_OFFLINE unset) with `model_info` answering
+    `hub.answer` (an exception to raise, or None for "exists"); records every call. Any download
+    through transformers that is not cache-only fails the test (that is the retry storm)."""
+    import huggingface_hub
+    import huggingface_hub.constants
+    import transformers
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+    class Hub:
+        answer: Exception | None = OSError("[Errno -2] Name or service not known")
+        calls: list = []
+
+    def model_info(self, repo_id, timeout=None, **kw):
+        Hub.calls.append((repo_id, timeout))
+        if Hub.answer is not None:
+            raise Hub.answer
+        return object()
+
+    real = transformers.AutoConfig.from_pretrained.__func__
+
+    def from_pretrained(cls, ref, *a, **kw):
+        assert kw.get("local_files_only") or Path(str(ref)).exists(), f"{ref} sent to the hub by transformers"
+        return real(cls, ref, *a, **kw)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", classmethod(from_pretrained))
+    return Hub
+
+
+def _not_found():
+    import httpx2
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    return RepositoryNotFoundError("404 Repository Not Found", response=httpx2.Response(
+        404, request=httpx2.Request("GET", "https://huggingface.co/api/models/x")))
+
+
+@pytest.mark.parametrize("answer,says", [("unreachable", "the hub could not be reached"),
+                                         ("missing", "the hub has no model myorg/mymodel")])
+def test_an_owner_name_model_that_is_no_folder_says_both_at_once(capsys, tmp_path, hub, answer, says):
+    import time
+
+    if answer == "missing":
+        hub.answer = _not_found()
+    path = _file(tmp_path, BASE.replace("tiny:qwen2_5_vl", "myorg/mymodel") + f"storage: {tmp_path}\n")
+    t0 = time.monotonic()
+    rc, out, err = _run(capsys, "validate", path)
+    assert rc == 2 and "Traceback" not in err, err
+    assert err.startswith(f"lmm-ray validate: error: model: 'myorg/mymodel' is not a local folder "
+                          f"(looked in {tmp_path / 'myorg/mymodel'} and {Path.cwd() / 'myorg/mymodel'})"), err
+    assert says in err and "fix: give a local folder" in err and "check the hub id and the network" in err
+    assert hub.calls == [("myorg/mymodel", 10.0)]  # one request with a timeout, no retries
+    assert time.monotonic() - t0 < 15  # was ~30 s of back-off before the refusal
+
+
+def test_offline_mode_refuses_a_hub_id_without_asking_the_hub(capsys, tmp_path, hub, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = _file(tmp_path, BASE.replace("tiny:qwen2_5_vl", "myorg/mymodel") + f"storage: {tmp_path}\n")
+    rc, _, err = _run(capsys, "validate", path)
+    assert rc == 2 and "HF_HUB_OFFLINE is set and the model is not in the HF cache" in err and "fix:" in err
+    assert hub.calls == []
+
+
+@pytest.mark.parametrize("where", ["beside-the-sweep-file", "absolute"])
+def test_a_local_model_folder_is_never_sent_to_the_hub(capsys, tmp_path, hub, where):
+    from lmm_ray import models
+
+    folder = tmp_path / "myorg" / "mymodel"
+    models.build_tiny("qwen2_5_vl").model.config.save_pretrained(folder)  # validate reads the config only
+    ref = "myorg/mymodel" if where == "beside-the-sweep-file" else str(folder)
+    path = _file(tmp_path, BASE.replace("tiny:qwen2_5_vl", ref) + f"storage: {tmp_path}\n")
+    rc, out, err = _run(capsys, "validate", path)
+    assert rc == 0, err
+    assert f"model      {folder} (qwen2_5_vl)" in out and hub.calls == []
+
+
+def test_a_dot_slash_model_folder_that_is_missing_is_refused_without_the_hub(capsys, tmp_path, hub):
+    path = _file(tmp_path, BASE.replace("tiny:qwen2_5_vl", "./models/mine") + f"storage: {tmp_path}\n")
+    rc, _, err = _run(capsys, "validate", path)
+    assert rc == 2 and f"local model folder not found: ./models/mine (looked in {tmp_path / 'models/mine'} and " in err
+    assert "fix: give an existing folder" in err
+    assert hub.calls == []
+
+
+@pytest.mark.parametrize("verb", [["recipes", "--model"], ["eval", "--n", "1", "--model"]])
+def test_other_verbs_refuse_a_missing_model_the_same_way(capsys, hub, verb):
+    rc = cli.main([*verb, "nobody-xyz/no-such-model"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "'nobody-xyz/no-such-model' is not a local folder" in err and "Traceback" not in err
+    assert "fix: give a local folder" in err and len(hub.calls) == 1
