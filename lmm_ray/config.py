@@ -394,6 +394,27 @@ def _tracking(raw: dict, name: str, storage: str) -> TrackingConfig:
     return TrackingConfig(uri, t.experiment or name)
 
 
+def _check_something_to_search(space: SearchSpace, search: SearchConfig, given: bool) -> SearchConfig:
+    """More trials than the space has configurations would repeat one: a trial's seed is
+    train.seed, so a repeat costs a full trial and gives the same result. Left out, num_trials is
+    therefore capped at the space's size (as grid search does); given, it is refused. A space of
+    fixed values is one configuration, run as one trial (sweep.make_searcher)."""
+    n, size = search.num_trials, space.distinct
+    if n <= size:
+        return search
+    if not given:
+        return replace(search, num_trials=int(size))
+    if size == 1:
+        raise ConfigError("search.num_trials", f"is {n} but the search space fixes every value: all {n} trials "
+                          "would be the same configuration",
+                          "give a field a range or a choice (e.g. lr: {loguniform: [1.0e-4, 1.0e-3]}), or set "
+                          "search.num_trials: 1 to run this one configuration, or train it with `lmm-ray train`")
+    dims = " x ".join(f"{k} {len(d.grid_values())}" for k, d in space.params.items() if d.kind != "fixed")
+    raise ConfigError("search.num_trials", f"is {n} but the search space has only {size} configurations ({dims}): "
+                      f"{n - size} trial(s) would repeat one with the same result",
+                      f"set search.num_trials: {size} (search.algorithm: grid runs each once), or widen the space")
+
+
 def _check_batch_split(train: TrainConfig, space: SearchSpace, resources: ResourcesConfig) -> None:
     """The global batch must split evenly over workers and accumulation steps (else it silently shrinks)."""
     sizes = space.params["batch_size"].grid_values() if "batch_size" in space.params else [train.batch_size]
@@ -474,6 +495,9 @@ def _parse(raw, base_dir: Path | None) -> SweepConfig:
             raise ConfigError("search.num_trials", f"is {search.num_trials} but the grid has {size} points ({dims})",
                               f"set search.num_trials: {size}, or leave it out for grid search")
         sections["search"] = replace(search, num_trials=size)
+    else:
+        given = isinstance(raw.get("search"), dict) and "num_trials" in raw["search"]
+        sections["search"] = _check_something_to_search(space, search, given)
     _check_batch_split(sections["train"], space, sections["resources"])
     dc = sections["data"]
     if dc.min_pixels is not None and dc.max_pixels is not None and dc.min_pixels > dc.max_pixels:

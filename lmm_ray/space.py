@@ -157,6 +157,13 @@ class SearchSpace:
     def grid_size(self) -> int:
         return math.prod(len(v) for v in self.grid().values())
 
+    @property
+    def distinct(self) -> float:
+        """How many different configurations the space holds (math.inf with a continuous range)."""
+        if any(d.continuous for d in self.params.values()):
+            return math.inf
+        return math.prod(len(d.grid_values()) for d in self.params.values())
+
     def custom_recipes(self) -> dict:
         """name -> RecipeSpec of the recipes_file and inline recipes (pass as `custom=` to recipes.resolve)."""
         from lmm_ray.recipes import RecipeSpec

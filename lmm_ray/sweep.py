@@ -270,6 +270,8 @@ class StageAwareOptunaSearch(OptunaSearch):
 def make_searcher(cfg: SweepConfig):
     import optuna
 
+    if not cfg.search_space.searched:
+        return None  # fixed values only: one configuration, Tune's default search (Optuna refuses an empty space)
     s = cfg.search
     samplers = {
         "tpe": lambda: optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials),

@@ -374,6 +374,16 @@ def check(cfg: SweepConfig, *, address: str | None = None, offline: bool = False
     return plan(cfg, family, trainable, unchecked) + "\n" + mem
 
 
+def _search_line(cfg: SweepConfig) -> str:
+    s, sp = cfg.search, cfg.search_space
+    if not sp.searched:
+        return "search     one fixed configuration (no value is searched): 1 trial, Tune's default search"
+    line = f"search     {s.algorithm}, {s.num_trials} trials, {s.max_concurrent} at a time, seed {s.seed}"
+    if s.algorithm != "grid" and s.num_trials == sp.distinct and s.num_trials > 1:
+        line += f" (the space has exactly {s.num_trials} configurations: {s.algorithm} may repeat some; grid runs each once)"
+    return line
+
+
 def plan(cfg: SweepConfig, family: str, trainable: dict, unchecked: list[str] = ()) -> str:
     from lmm_ray import resolution
 
@@ -385,7 +395,7 @@ def plan(cfg: SweepConfig, family: str, trainable: dict, unchecked: list[str] = 
         f"model      {cfg.model} ({family})",
         f"stages     {' -> '.join(f'{s.name} ({s.steps} steps)' if s.steps else f'{s.name} ({s.epochs} epochs)' for s in cfg.stages)}",
         f"held-out   {', '.join(cfg.heldout_names)}",
-        f"search     {cfg.search.algorithm}, {cfg.search.num_trials} trials, {cfg.search.max_concurrent} at a time, seed {cfg.search.seed}",
+        _search_line(cfg),
         f"space      {dims}",
         "recipes    " + ", ".join(f"{k} ({v:,} trainable)" for k, v in trainable.items()),
         f"objective  {cfg.objective.mode}" + (f": learning + {cfg.objective.lam:g}*min(0, held-out change) - {cfg.objective.mu:g}*counting bias"

@@ -273,3 +273,45 @@ def test_other_verbs_refuse_a_missing_model_the_same_way(capsys, hub, verb):
     err = capsys.readouterr().err
     assert rc == 2 and "'nobody-xyz/no-such-model' is not a local folder" in err and "Traceback" not in err
     assert "fix: give a local folder" in err and len(hub.calls) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Search spaces with less to search than trials: a trial's seed is train.seed, so a repeated
+# configuration is a whole trial for the same result.
+
+
+@pytest.mark.parametrize("space,trials,expect", [
+    ("{recipe: sa_proj, lr: 1.0e-3}", 2, ["all 2 trials would be the same configuration", "search.num_trials: 1",
+                                          "a range or a choice", "lmm-ray train"]),
+    ("{recipe: {choice: [sa_proj, mlp]}, lr: {choice: [1.0e-3, 1.0e-4]}}", 6,
+     ["only 4 configurations (recipe 2 x lr 2)", "2 trial(s) would repeat", "search.num_trials: 4", "grid"]),
+    ("{recipe: sa_proj, lr: 1.0e-3, last_n: {randint: [1, 2]}}", 3, ["only 2 configurations (last_n 2)"]),
+])
+def test_more_trials_than_configurations_is_refused(capsys, tmp_path, space, trials, expect):
+    text = BASE.replace("{recipe: sa_proj, lr: 1.0e-3}", space) + f"search: {{num_trials: {trials}}}\nstorage: {tmp_path}\n"
+    rc, _, err = _run(capsys, "sweep", _file(tmp_path, text))
+    assert rc == 2 and err.startswith(f"lmm-ray sweep: error: {tmp_path / 'sweep.yaml'}: search.num_trials: is {trials}")
+    assert "Traceback" not in err and "fix:" in err
+    for word in expect:
+        assert word in err, f"{word!r} not in:\n{err}"
+    assert not (tmp_path / "bad").exists()  # refused before the sweep folder (or Tune state) is made
+
+
+def test_a_fixed_space_without_num_trials_runs_one_trial(capsys, tmp_path):
+    from lmm_ray import config, sweep
+
+    rc, out, err = _run(capsys, "validate", _file(tmp_path, BASE + f"storage: {tmp_path}\n"))
+    assert rc == 0, err
+    assert "search     one fixed configuration (no value is searched): 1 trial" in out
+    cfg = config.load_sweep(tmp_path / "sweep.yaml")
+    assert cfg.search.num_trials == 1  # the default 8 is capped at the space's one configuration
+    assert sweep.make_searcher(cfg) is None  # Tune's default search: Optuna refuses an empty space
+    two = config.load_sweep(tmp_path / "sweep.yaml", ["search_space.recipe={choice: [sa_proj, mlp]}"])
+    assert two.search.num_trials == 2 and sweep.make_searcher(two) is not None
+
+
+def test_as_many_trials_as_configurations_suggests_grid_in_the_plan(capsys, tmp_path):
+    text = BASE.replace("recipe: sa_proj", "recipe: {choice: [sa_proj, mlp]}") + f"search: {{num_trials: 2}}\nstorage: {tmp_path}\n"
+    rc, out, err = _run(capsys, "validate", _file(tmp_path, text))
+    assert rc == 0, err
+    assert "exactly 2 configurations: tpe may repeat some; grid runs each once" in out

@@ -447,6 +447,19 @@ def test_asha_single_objective(storage):
     print(f"ASHA stopped {len(stopped)} of 3 trials: {sorted(stopped)}")
 
 
+def test_a_space_of_fixed_values_runs_as_one_trial(storage):
+    """Optuna refuses an empty space (after Tune wrote its state, so the name was lost): a space of
+    fixed values runs its one configuration through Tune's default search."""
+    name = "fixed"
+    text = run_sweep(storage, name, "search_space.recipe=sa_proj", "search_space.lr=1.0e-3", "search.num_trials=1")
+    assert "one fixed configuration" in text
+    res = results(storage / name)
+    assert len(res) == 1 and res["status"].tolist() == ["finished"], res[["trial_id", "status", "reason"]]
+    assert res["recipe"].tolist() == ["sa_proj"] and res["lr"].tolist() == [1.0e-3]
+    _, children = sweep_runs(storage / name, name)
+    assert len(children) == 1 and children[0].info.status == "FINISHED"
+
+
 # ---------------------------------------------------------------------------------------------
 # the live progress table's reporter, without Ray
 
