@@ -48,6 +48,10 @@ def alive_nodes() -> list[dict]:
 # they never ran at once. One byte of `memory`, a resource every Ray node has, holds no core.
 TRIAL_DRIVER_RESOURCES = {"memory": 1}
 
+# The object store of a local Ray (sweep.init_ray): Ray's default (30% of RAM in /dev/shm) is far
+# more than trials need; validate counts it against the machine's free memory.
+LOCAL_OBJECT_STORE_BYTES = 256 * 2**20
+
 
 def worker_bundle(resources) -> dict[str, float]:
     """The resources of one Ray Train worker of a trial (a ResourcesConfig, or a SweepConfig)."""

@@ -90,7 +90,7 @@ def init_ray(cfg: SweepConfig, address: str | None = None) -> None:
     ray.init(
         num_cpus=os.cpu_count(),
         runtime_env={"env_vars": env},
-        object_store_memory=256 * 2**20,  # the default (30% of RAM in /dev/shm) is far more than trials need
+        object_store_memory=cluster.LOCAL_OBJECT_STORE_BYTES,  # not the default 30% of RAM (cluster.py)
         include_dashboard=True,  # Train V2 cleans up stopped trials' workers through the State API
         dashboard_host="127.0.0.1",
         dashboard_port=port,

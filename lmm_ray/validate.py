@@ -218,23 +218,54 @@ def check_data_sources(cfg: SweepConfig, *, hub: bool = False, offline: bool = F
     return unchecked
 
 
-def check_local_resources(cfg: SweepConfig, address: str | None) -> None:
-    """Local runs only; on a cluster the check runs after connecting (cluster.check_cluster_resources)."""
+def check_local_resources(cfg: SweepConfig, address: str | None) -> str | None:
+    """Local runs only (on a cluster the check runs after connecting: cluster.check_cluster_resources).
+
+    Counts what the local Ray that sweep.init_ray starts will have: `os.cpu_count()` CPUs, the GPUs
+    torch sees, and the memory left after the object store. One trial is its Ray Train workers
+    (cluster.worker_bundle each) plus its driver (cluster.TRIAL_DRIVER_RESOURCES: one byte of
+    memory, no CPU, so 2 one-CPU workers fit a 2-core machine). A trial that cannot be placed is
+    refused (Ray would wait for resources that never come); more trials at once than fit is
+    fine (they queue) and returns the plan's note saying so."""
+    from lmm_ray import cluster
+
     if address or os.environ.get("RAY_ADDRESS"):
-        return
+        return None
     r = cfg.resources
     cpus = os.cpu_count() or 1
-    if r.num_workers * r.cpus_per_worker > cpus:
-        raise ConfigError("resources.num_workers", f"a trial needs {r.num_workers} workers x {r.cpus_per_worker} CPUs, this machine has {cpus}",
+    need_cpu = r.num_workers * r.cpus_per_worker + float(cluster.TRIAL_DRIVER_RESOURCES.get("CPU", 0))
+    if need_cpu > cpus + 1e-6:
+        raise ConfigError("resources.num_workers", f"a trial needs {r.num_workers} workers x {r.cpus_per_worker:g} CPUs "
+                          f"= {need_cpu:g} CPUs, this machine has {cpus} (Ray gets them all)",
                           f"lower resources.num_workers or resources.cpus_per_worker (at most {cpus} CPUs per trial), or run on a cluster")
+    gpus = 0
     if r.gpus_per_worker:
         import torch
 
-        have = torch.cuda.device_count()
+        gpus = torch.cuda.device_count()
         need = r.num_workers * r.gpus_per_worker
-        if need > have:
-            raise ConfigError("resources.gpus_per_worker", f"a trial needs {need:g} GPUs, this machine has {have}",
+        if need > gpus:
+            raise ConfigError("resources.gpus_per_worker", f"a trial needs {need:g} GPUs, this machine has {gpus}",
                               "set resources.gpus_per_worker: 0 to train on CPU, or run on a cluster with GPUs")
+    import psutil
+
+    free = psutil.virtual_memory().available
+    if free < cluster.LOCAL_OBJECT_STORE_BYTES + MIN_FREE_BYTES:
+        raise ConfigError("resources", f"this machine has {free / 2**20:.0f} MiB of memory free; Ray's object store alone "
+                          f"takes {cluster.LOCAL_OBJECT_STORE_BYTES / 2**20:.0f} MiB and each worker loads the model",
+                          "free memory (stop other jobs) or run on a cluster (--address)")
+    fit = int(cpus // need_cpu) if need_cpu else cfg.search.max_concurrent
+    if r.gpus_per_worker:
+        fit = min(fit, int(gpus // (r.num_workers * r.gpus_per_worker)))
+    if cfg.search.max_concurrent > fit and cfg.search.num_trials > fit:
+        at = "one at a time" if fit == 1 else f"{fit} at a time"
+        return (f"queue      search.max_concurrent is {cfg.search.max_concurrent}, but this machine holds {fit} trial(s) "
+                f"({need_cpu:g} CPUs" + (f" + {r.num_workers * r.gpus_per_worker:g} GPUs" if r.gpus_per_worker else "")
+                + f" each, of {cpus} CPUs" + (f", {gpus} GPUs" if r.gpus_per_worker else "") + f"): trials run {at}, the rest wait")
+    return None
+
+
+MIN_FREE_BYTES = 512 * 2**20  # Ray's own processes (GCS, raylet, dashboard) before any worker
 
 
 def check_storage(cfg: SweepConfig) -> None:
@@ -361,8 +392,9 @@ def check(cfg: SweepConfig, *, address: str | None = None, offline: bool = False
     also reads each hub dataset's schema (network)."""
     check_data_paths(cfg)
     unchecked = check_data_sources(cfg, hub=check_data, offline=offline)
+    queue = None
     if not offline:  # offline checks the files against the model's configuration only
-        check_local_resources(cfg, address)
+        queue = check_local_resources(cfg, address)
     family, trainable = check_recipes(cfg, offline=offline)
     check_resolution(cfg, family, offline=offline)
     check_lmms_tasks(cfg)
@@ -371,7 +403,7 @@ def check(cfg: SweepConfig, *, address: str | None = None, offline: bool = False
     if not offline:
         check_storage(cfg)
         check_tracking(cfg)
-    return plan(cfg, family, trainable, unchecked) + "\n" + mem
+    return plan(cfg, family, trainable, unchecked) + (f"\n{queue}" if queue else "") + "\n" + mem
 
 
 def _search_line(cfg: SweepConfig) -> str:

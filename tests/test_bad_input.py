@@ -315,3 +315,42 @@ def test_as_many_trials_as_configurations_suggests_grid_in_the_plan(capsys, tmp_
     rc, out, err = _run(capsys, "validate", _file(tmp_path, text))
     assert rc == 0, err
     assert "exactly 2 configurations: tpe may repeat some; grid runs each once" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# Local resources: what the local Ray (all of os.cpu_count(), the object store) can place.
+
+
+@pytest.mark.parametrize("workers,cpus,ok", [(2, 1, True), (4, 1, False), (2, 1.5, False)])
+def test_a_trial_the_local_machine_cannot_place_is_refused(capsys, tmp_path, monkeypatch, workers, cpus, ok):
+    """2 one-CPU workers fit a 2-core machine (the trial's driver holds one byte of memory, no CPU:
+    a smoke sweep ran so); 4, or 2 of 1.5 CPUs, would wait for CPUs that never come."""
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    rc, out, err = _run(capsys, "validate", SMOKE, f"storage={tmp_path}", f"resources.num_workers={workers}",
+                        f"resources.cpus_per_worker={cpus}")
+    if ok:
+        assert rc == 0, err
+        assert "resources  2 worker(s) x 1 CPU per trial" in out and "queue" not in out
+        return
+    assert rc == 2 and "Traceback" not in err
+    assert f"resources.num_workers: a trial needs {workers} workers x {cpus:g} CPUs" in err and "this machine has 2" in err
+    assert "fix: lower resources.num_workers or resources.cpus_per_worker (at most 2 CPUs per trial)" in err
+
+
+def test_more_trials_at_once_than_cores_queue_and_the_plan_says_so(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    rc, out, err = _run(capsys, "validate", SMOKE, f"storage={tmp_path}", "search.max_concurrent=2",
+                        "resources.cpus_per_worker=2")
+    assert rc == 0, err
+    assert ("queue      search.max_concurrent is 2, but this machine holds 1 trial(s) (2 CPUs each, of 2 CPUs): "
+            "trials run one at a time, the rest wait") in out
+
+
+def test_too_little_free_memory_for_ray_is_refused(capsys, tmp_path, monkeypatch):
+    import psutil
+
+    real = psutil.virtual_memory()
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: real._replace(available=300 * 2**20))
+    rc, _, err = _run(capsys, "validate", SMOKE, f"storage={tmp_path}")
+    assert rc == 2 and "resources: this machine has 300 MiB of memory free" in err and "object store" in err
+    assert "fix: free memory" in err
