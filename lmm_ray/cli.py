@@ -12,12 +12,16 @@ import json
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from lmm_ray.errors import ResultsNotFound, UserError
 from lmm_ray.schema import mask_secrets
 
 EXIT_USAGE = 2
+EXIT_BUG = 1
+DEBUG_ENV = "LMM_RAY_DEBUG"  # 1: tracebacks of user errors too, Ray's logs at debug level
+RAY_LOGS = "/tmp/ray/session_latest/logs"
 
 DESCRIPTION = """\
 Find how to fine-tune a multimodal model on new skills without erasing what it knows:
@@ -445,11 +449,30 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = [*args.overrides, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    debug = os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
+    if debug:  # Ray's own processes read it when they start: GCS, raylet and worker logs at debug level
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "debug")
     try:
         return int(args.fn(args) or 0)
     except UserError as e:
+        if debug:
+            traceback.print_exc()
         print(f"lmm-ray {args.cmd}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception:  # a bug, not the user's mistake: the traceback is the report (KeyboardInterrupt passes)
+        traceback.print_exc()
+        print(bug_hint(args.cmd, debug), file=sys.stderr)
+        return EXIT_BUG
+
+
+def bug_hint(cmd: str, debug: bool) -> str:
+    """The line after an unexpected traceback: how to get more detail, and where it goes."""
+    from lmm_ray import __version__
+
+    more = "" if debug else f"rerun with {DEBUG_ENV}=1 for more detail (Ray's logs at debug level), then "
+    return (f"lmm-ray {cmd}: internal error (a bug in lmm_ray {__version__}, not in your input): {more}report it "
+            "to the lmm_ray issue tracker with this traceback, the command line and the sweep file "
+            f"(Ray's logs: {RAY_LOGS})")
 
 
 if __name__ == "__main__":

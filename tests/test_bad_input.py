@@ -354,3 +354,37 @@ def test_too_little_free_memory_for_ray_is_refused(capsys, tmp_path, monkeypatch
     rc, _, err = _run(capsys, "validate", SMOKE, f"storage={tmp_path}")
     assert rc == 2 and "resources: this machine has 300 MiB of memory free" in err and "object store" in err
     assert "fix: free memory" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLI boundary: a user's mistake is one message (exit 2); anything else is a bug, whose
+# traceback is the report, ending with how to get more detail and where to send it.
+
+
+def test_an_unexpected_error_keeps_its_traceback_and_says_how_to_report_it(capsys, monkeypatch):
+    def broken(a):
+        raise RuntimeError("a bug inside lmm_ray")
+
+    monkeypatch.setattr(cli, "cmd_validate", broken)
+    monkeypatch.delenv("LMM_RAY_DEBUG", raising=False)
+    rc = cli.main(["validate", str(SMOKE)])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "Traceback (most recent call last)" in err and "RuntimeError: a bug inside lmm_ray" in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("lmm-ray validate: internal error (a bug in lmm_ray")
+    assert "rerun with LMM_RAY_DEBUG=1" in last and "issue tracker" in last and "/tmp/ray/session_latest/logs" in last
+
+
+def test_debug_mode_shows_a_user_errors_traceback_and_turns_up_rays_logs(capsys, tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.setenv("RAY_BACKEND_LOG_LEVEL", "unset")
+    monkeypatch.delenv("RAY_BACKEND_LOG_LEVEL")  # (undone at the end: nothing leaks into later tests)
+    monkeypatch.setenv("LMM_RAY_DEBUG", "1")
+    rc = cli.main(["validate", str(_file(tmp_path, BASE.replace("steps: 3", "steps: -3")))])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback (most recent call last)" in err and "stages.0.steps" in err.splitlines()[-2]
+    assert os.environ["RAY_BACKEND_LOG_LEVEL"] == "debug"
+    monkeypatch.setenv("LMM_RAY_DEBUG", "0")
+    assert cli.main(["validate", str(tmp_path / "sweep.yaml")]) == 2 and "Traceback" not in capsys.readouterr().err
