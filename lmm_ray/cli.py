@@ -165,9 +165,13 @@ def cmd_validate(a) -> int:
 
 
 def cmd_sweep(a) -> int:
-    from lmm_ray import sweep
+    from lmm_ray import private, sweep
 
-    sweep.run(_load_cfg(a), resume=a.resume, address=a.address)  # validates first, before Ray starts
+    old = private.private_umask()  # what this driver and the Ray it starts write is yours only (private.py)
+    try:
+        sweep.run(_load_cfg(a), resume=a.resume, address=a.address)  # validates first, before Ray starts
+    finally:
+        os.umask(old)  # (cli.main also runs in-process, from tests and notebooks)
     return 0
 
 
@@ -369,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "Ends with the results and Pareto tables, where they are (storage/<name>), the MLflow "
                                     "UI's URL and the Optuna dashboard's command.")
     sweep_args(sw)
-    sw.add_argument("--resume", action="store_true", help="continue an interrupted sweep (finished trials are kept)")
+    sw.add_argument("--resume", action="store_true", help="continue an interrupted sweep (finished trials are kept); "
+                    "it loads pickled Tune state, so the sweep folder must be yours and not writable by others")
     sw.set_defaults(fn=cmd_sweep)
 
     pa = sub.add_parser("pareto", help="the Pareto-optimal trials of a sweep, with plot and recipe export",

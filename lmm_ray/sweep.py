@@ -379,10 +379,11 @@ def run(cfg: SweepConfig, *, resume: bool = False, address: str | None = None) -
     import ray
     import ray.tune
 
-    from lmm_ray import validate
+    from lmm_ray import private, validate
     from lmm_ray.train import unpack_base
 
     print(validate.check(cfg, address=address), flush=True)  # everything that can fail before Ray starts
+    private.check_resume_trust(cfg.sweep_dir, resume)  # --resume unpickles Tune's state: only from a folder only you can write
     store = Store(cfg.sweep_dir)
     started = store.exists(TUNE_DIR)
     if resume and not store.exists(f"{TUNE_DIR}/tuner.pkl"):

@@ -271,6 +271,7 @@ MIN_FREE_BYTES = 512 * 2**20  # Ray's own processes (GCS, raylet, dashboard) bef
 def check_storage(cfg: SweepConfig) -> None:
     """A local sweep folder is created (or found writable) now, before Ray starts: a file in its
     place, a read-only place or a system folder fail here, with the fix."""
+    from lmm_ray import private
     from lmm_ray.schema import is_uri
 
     if is_uri(cfg.sweep_dir):
@@ -281,7 +282,7 @@ def check_storage(cfg: SweepConfig) -> None:
             raise ConfigError("storage", f"{p} is a file, so the sweep folder {folder} cannot be made there",
                               "give storage a folder (it is created if missing), e.g. storage: runs")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        private.make_sweep_dir(folder)  # private to its user (private.py)
         probe = folder / ".lmm_ray_write_check"
         probe.write_text("ok")
         probe.unlink()

@@ -388,3 +388,88 @@ def test_debug_mode_shows_a_user_errors_traceback_and_turns_up_rays_logs(capsys,
     assert os.environ["RAY_BACKEND_LOG_LEVEL"] == "debug"
     monkeypatch.setenv("LMM_RAY_DEBUG", "0")
     assert cli.main(["validate", str(tmp_path / "sweep.yaml")]) == 2 and "Traceback" not in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Who can read a sweep, and whom --resume trusts (it unpickles Tune's state from the folder).
+
+
+def _tune_state(folder: Path) -> Path:
+    (folder / "tune").mkdir(parents=True)
+    (folder / "tune" / "tuner.pkl").write_bytes(b"pickled")
+    (folder / "tune" / "experiment_state-1.json").write_text("{}")
+    for p in (folder, folder / "tune"):
+        p.chmod(0o700)
+    for p in (folder / "tune").iterdir():
+        p.chmod(0o600)
+    return folder
+
+
+@pytest.mark.parametrize("what,change,says", [
+    ("tune", lambda p: p.chmod(0o770), "can be written by its group (mode drwxrwx---)"),
+    ("tune/tuner.pkl", lambda p: p.chmod(0o666), "can be written by everyone"),
+    ("", lambda p: p.chmod(0o757), "can be written by everyone"),
+    ("tune/experiment_state-1.json", None, "is owned by"),
+])
+def test_resume_refuses_tune_state_that_others_can_write(capsys, tmp_path, monkeypatch, what, change, says):
+    import os
+
+    folder = _tune_state(tmp_path / "smoke")
+    target = folder / what if what else folder
+    if change is not None:
+        change(target)
+    else:  # a file another user put there (this user is made someone else: no root needed)
+        real = os.stat
+
+        def stat(p, *a, **kw):
+            st = real(p, *a, **kw)
+            return os.stat_result((st.st_mode, st.st_ino, st.st_dev, st.st_nlink, st.st_uid + 1, *st[5:])) \
+                if Path(p) == target else st
+        monkeypatch.setattr(os, "stat", stat)
+    rc, _, err = _run(capsys, "sweep", SMOKE, f"storage={tmp_path}", "--resume")
+    assert rc == 2 and "Traceback" not in err, err
+    assert f"storage: --resume would load Ray Tune's pickled state from {folder}" in err and says in err
+    assert "run code in this process" in err and f"chmod -R go-w {folder}" in err and "name=..." in err
+
+
+def test_resume_trusts_a_private_folder_and_cannot_check_object_storage(tmp_path):
+    from lmm_ray import private
+
+    folder = _tune_state(tmp_path / "smoke")
+    private.check_resume_trust(str(folder))  # yours, not writable by others: fine
+    (folder / "tune" / "tuner.pkl").chmod(0o664)
+    private.check_resume_trust(str(folder), resume=False)  # a new sweep reads nothing
+    private.check_resume_trust("s3://bucket/runs/smoke")  # the bucket's policy is the guard (docs/cluster.md)
+    with pytest.raises(Exception, match="can be written by its group"):
+        private.check_resume_trust(str(folder))
+
+
+def test_the_sweep_folder_is_created_private_and_the_sweep_writes_private_files(capsys, tmp_path, monkeypatch):
+    import os
+    import stat
+
+    from lmm_ray import sweep
+
+    storage = tmp_path / "team" / "runs"
+    rc, _, err = _run(capsys, "validate", SMOKE, f"storage={storage}")
+    assert rc == 0, err
+    assert stat.S_IMODE((storage / "smoke").stat().st_mode) == 0o700  # the sweep: its user's
+    assert stat.S_IMODE(storage.stat().st_mode) & 0o055  # the storage above: as the umask makes it (shareable)
+    (storage / "opened").mkdir(mode=0o750)
+    rc, _, err = _run(capsys, "validate", SMOKE, f"storage={storage}", "name=opened")
+    assert rc == 0 and stat.S_IMODE((storage / "opened").stat().st_mode) == 0o750  # a user's own choice stays
+
+    seen = {}
+
+    def run(cfg, **kw):  # the driver's umask while the sweep runs
+        seen["umask"] = os.umask(0o077)
+        (Path(cfg.sweep_dir) / "sweep.json").write_text("{}")
+
+    old = os.umask(0o022)
+    try:
+        monkeypatch.setattr(sweep, "run", run)
+        assert cli.main(["sweep", str(SMOKE), f"storage={storage}"]) == 0
+        assert os.umask(0o022) == 0o022  # given back after the sweep (cli.main runs in-process here)
+    finally:
+        os.umask(old)
+    assert seen["umask"] == 0o077 and stat.S_IMODE((storage / "smoke" / "sweep.json").stat().st_mode) == 0o600
