@@ -29,7 +29,7 @@ from lmm_ray.schema import (NAME_RE, DATA_RULES, DataConfig, EVAL_RULES, OBJECTI
                             TRACKING_RULES, TRAIN_RULES, EvalConfig, ObjectiveConfig, ResourcesConfig, SchedulerConfig,
                             SearchConfig, TrackingConfig, TrainConfig, _OBJ_NAMES, R, check_mapping, check_value, ge, gt,
                             is_uri, join, mask_secrets, read_section, read_yaml, resolve_path, section_dict, tname)
-from lmm_ray.space import PARAMS, SearchSpace, load_recipes_file, parse_search_space
+from lmm_ray.space import PARAMS, SearchSpace, check_trials, load_recipes_file, not_a_search_space_file, parse_search_space
 from lmm_ray.tasks import EVAL_KEYS, split_source
 
 _URI_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss", "az")
@@ -194,6 +194,10 @@ def _heldout(raw, heldouts: list[str], base_dir) -> tuple[HeldoutConfig, ...]:
         raise ConfigError("heldout", "is empty: held-out change (forgetting) cannot be measured",
                           "write `heldout: all`, or list at least one held-out skill")
     out = []
+    if "all" in raw:
+        raise ConfigError(f"heldout.{raw.index('all')}", "'all' inside a list is not a skill",
+                          f"write `heldout: all` (no brackets) for every generated held-out skill ({', '.join(heldouts)}), "
+                          "or list the ones you want")
     for i, h in enumerate(raw):
         where = f"heldout.{i}"
         if isinstance(h, str):
@@ -313,8 +317,6 @@ class SweepConfig:
         })
 
 
-
-
 def _model(v, base_dir: Path | None) -> str:
     from lmm_ray.families import FAMILIES
 
@@ -392,27 +394,6 @@ def _tracking(raw: dict, name: str, storage: str) -> TrackingConfig:
         raise ConfigError("tracking.mlflow_uri", f"{uri!r} is a relative path or a bare file store: Ray workers run in other directories, so it must be an absolute URI",
                           f"write sqlite:///{os.path.abspath(uri) if not uri.startswith('/') else uri.rstrip('/') + '/mlflow.db'} or http://host:5000")
     return TrackingConfig(uri, t.experiment or name)
-
-
-def _check_something_to_search(space: SearchSpace, search: SearchConfig, given: bool) -> SearchConfig:
-    """More trials than the space has configurations would repeat one: a trial's seed is
-    train.seed, so a repeat costs a full trial and gives the same result. Left out, num_trials is
-    therefore capped at the space's size (as grid search does); given, it is refused. A space of
-    fixed values is one configuration, run as one trial (sweep.make_searcher)."""
-    n, size = search.num_trials, space.distinct
-    if n <= size:
-        return search
-    if not given:
-        return replace(search, num_trials=int(size))
-    if size == 1:
-        raise ConfigError("search.num_trials", f"is {n} but the search space fixes every value: all {n} trials "
-                          "would be the same configuration",
-                          "give a field a range or a choice (e.g. lr: {loguniform: [1.0e-4, 1.0e-3]}), or set "
-                          "search.num_trials: 1 to run this one configuration, or train it with `lmm-ray train`")
-    dims = " x ".join(f"{k} {len(d.grid_values())}" for k, d in space.params.items() if d.kind != "fixed")
-    raise ConfigError("search.num_trials", f"is {n} but the search space has only {size} configurations ({dims}): "
-                      f"{n - size} trial(s) would repeat one with the same result",
-                      f"set search.num_trials: {size} (search.algorithm: grid runs each once), or widen the space")
 
 
 def _check_batch_split(train: TrainConfig, space: SearchSpace, resources: ResourcesConfig) -> None:
@@ -497,7 +478,7 @@ def _parse(raw, base_dir: Path | None) -> SweepConfig:
         sections["search"] = replace(search, num_trials=size)
     else:
         given = isinstance(raw.get("search"), dict) and "num_trials" in raw["search"]
-        sections["search"] = _check_something_to_search(space, search, given)
+        sections["search"] = check_trials(space, search, given)
     _check_batch_split(sections["train"], space, sections["resources"])
     dc = sections["data"]
     if dc.min_pixels is not None and dc.max_pixels is not None and dc.min_pixels > dc.max_pixels:
@@ -525,54 +506,10 @@ _OVERRIDE_KEYS = {
 
 
 def apply_overrides(raw: dict, overrides, base_dir: Path | None = None) -> dict:
-    """A copy of the raw sweep dict with `key=value` overrides applied (dotted paths, list
-    indices, values parsed as YAML). A search_space given as a file is inlined when overridden."""
-    raw = copy.deepcopy(raw)
-    for text in overrides:
-        key, eq, value_text = str(text).partition("=")
-        key = key.strip()
-        if not eq or not re.fullmatch(r"[A-Za-z_]\w*(\.\w+)*", key):
-            raise ConfigError("overrides", f"bad override {text!r}",
-                              "write key=value with a dotted key, e.g. search.num_trials=4 or stages.0.steps=50")
-        try:
-            value = yaml.safe_load(value_text) if value_text.strip() else None
-        except yaml.YAMLError as e:
-            raise ConfigError(key, f"override value {value_text!r} is not valid YAML ({e.problem})",
-                              "quote it or fix the YAML, e.g. key='{loguniform: [1.0e-4, 1.0e-3]}'") from None
-        _set(raw, key.split("."), value, base_dir)
-    return raw
+    """A copy of the raw sweep dict with `key=value` overrides applied (overrides.py)."""
+    from lmm_ray import overrides as ov
 
-
-def _set(raw: dict, parts: list[str], value, base_dir):
-    node, trail = raw, []
-    for i, part in enumerate(parts):
-        here = ".".join([*trail, part])
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(here, f"unknown override path: {'.'.join(trail)} has {len(node)} entries",
-                                  f"use an index from 0 to {len(node) - 1}")
-            key = int(part)
-        elif isinstance(node, dict):
-            generic = tuple("*" if t.isdigit() else t for t in trail)
-            allowed = _OVERRIDE_KEYS.get(generic)
-            if allowed is not None and part not in allowed:
-                hint = did_you_mean(part, allowed).strip()
-                raise ConfigError(here, f"unknown override path {'.'.join(parts)!r}",
-                                  f"{hint + ' ' if hint else ''}Valid keys under {'.'.join(trail) or 'the top level'}: {', '.join(allowed)}")
-            key = part
-        else:
-            raise ConfigError(here, f"cannot set {'.'.join(parts)!r}: {'.'.join(trail)} is {tname(node)} {node!r}, not a mapping or list",
-                              f"override the whole value: {'.'.join(trail)}=...")
-        if i == len(parts) - 1:
-            node[key] = value
-            return
-        child = node.get(key) if isinstance(node, dict) else node[key]
-        if child is None:
-            child = node[key] = {}
-        elif trail == [] and key == "search_space" and isinstance(child, str):
-            path = resolve_path(child, base_dir)
-            child = node[key] = read_yaml(path, "search_space")
-        node, trail = child, [*trail, part]
+    return ov.apply(raw, overrides, _OVERRIDE_KEYS, base_dir)
 
 
 def load_sweep(path: str | Path, overrides=()) -> SweepConfig:
@@ -580,8 +517,12 @@ def load_sweep(path: str | Path, overrides=()) -> SweepConfig:
     path = Path(path)
     try:
         raw = read_yaml(path, "")
+        if raw is None:
+            raise ConfigError("", "the file is empty (or only comments)",
+                              "write a sweep: name, model, stages and search_space at least (start from sweeps/quickstart.yaml)")
         if not isinstance(raw, dict):
             raise ConfigError("", f"should be a mapping of sweep keys, got {tname(raw)}", "start from sweeps/quickstart.yaml")
+        not_a_search_space_file(raw, path, TOP_KEYS)
         raw = apply_overrides(raw, overrides, path.parent.resolve())
     except ConfigError as e:
         e.source = str(path)

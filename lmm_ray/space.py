@@ -228,6 +228,37 @@ def parse_search_space(raw, where: str = "search_space", external: dict | None =
     return space
 
 
+def check_trials(space: SearchSpace, search, given: bool):
+    """More trials than the space has configurations would repeat one: a trial's seed is
+    train.seed, so a repeat costs a full trial and gives the same result. Left out, num_trials is
+    therefore capped at the space's size (as grid search does); given, it is refused. A space of
+    fixed values is one configuration, run as one trial (sweep.make_searcher). `search`: a
+    SearchConfig; `given`: whether the file sets num_trials. Returns the SearchConfig to use."""
+    n, size = search.num_trials, space.distinct
+    if n <= size:
+        return search
+    if not given:
+        return replace(search, num_trials=int(size))
+    if size == 1:
+        raise ConfigError("search.num_trials", f"is {n} but the search space fixes every value: all {n} trials "
+                          "would be the same configuration",
+                          "give a field a range or a choice (e.g. lr: {loguniform: [1.0e-4, 1.0e-3]}), or set "
+                          "search.num_trials: 1 to run this one configuration, or train it with `lmm-ray train`")
+    dims = " x ".join(f"{k} {len(d.grid_values())}" for k, d in space.params.items() if d.kind != "fixed")
+    raise ConfigError("search.num_trials", f"is {n} but the search space has only {size} configurations ({dims}): "
+                      f"{n - size} trial(s) would repeat one with the same result",
+                      f"set search.num_trials: {size} (search.algorithm: grid runs each once), or widen the space")
+
+
+def not_a_search_space_file(raw: dict, path: Path, sweep_keys) -> None:
+    """A search-space file (or an exported recipe) given where a sweep file goes: say what it is."""
+    keys = set(map(str, raw))
+    if keys & {"recipe", "lr"} and keys <= {*PARAMS, "recipes"} and not keys & set(sweep_keys):
+        raise ConfigError("", f"this is a search-space file ({', '.join(map(str, raw))}), not a sweep file",
+                          f"give a sweep file that uses it, `search_space: {path}` (e.g. a copy of sweeps/quickstart.yaml); "
+                          f"an exported recipe trains with `lmm-ray train SWEEP --choice {path}`")
+
+
 def load_search_space(path: str | Path, recipes_file: str | Path | None = None) -> SearchSpace:
     """A search-space file on its own (e.g. an exported recipe), validated."""
     external = load_recipes_file(str(recipes_file), None) if recipes_file else {}

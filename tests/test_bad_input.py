@@ -473,3 +473,38 @@ def test_the_sweep_folder_is_created_private_and_the_sweep_writes_private_files(
     finally:
         os.umask(old)
     assert seen["umask"] == 0o077 and stat.S_IMODE((storage / "smoke" / "sweep.json").stat().st_mode) == 0o600
+
+
+# ---------------------------------------------------------------------------------------------
+# Messages that were vague: each now says what the file or value is and what to write.
+
+
+@pytest.mark.parametrize("text,args,expect", [
+    ("", (), ["the file is empty (or only comments)", "name, model, stages and search_space"]),
+    ("# just a comment\n", (), ["the file is empty"]),
+    ("recipe: {choice: [sa_proj, mlp]}\nlr: {loguniform: [1.0e-4, 1.0e-3]}\n", (),
+     ["this is a search-space file (recipe, lr), not a sweep file", "`search_space: ", "lmm-ray train SWEEP --choice"]),
+    (BASE.replace("heldout: [color]", "heldout: [all]"), (), ["heldout.0: 'all' inside a list is not a skill",
+                                                              "`heldout: all` (no brackets)"]),
+    (BASE, ("model=",), ["model: `model=` (empty) would remove it, but a sweep has no default model", "model=tiny:qwen2_5_vl"]),
+    (BASE, ("search_space.lr=",), ["search_space.lr: `search_space.lr=` (empty)", "search_space.lr=1.0e-3"]),
+    (BASE, ("stages.0=",), ["stages.0: `stages.0=` (empty) cannot remove a list entry", "stages=[...]"]),
+])
+def test_vague_inputs_get_a_clear_message(capsys, tmp_path, text, args, expect):
+    path = _file(tmp_path, text + (f"storage: {tmp_path}\n" if text.startswith("name") else ""))
+    rc, _, err = _run(capsys, "validate", path, *args)
+    assert rc == 2 and "Traceback" not in err and "fix:" in err, err
+    for word in expect:
+        assert word in err, f"{word!r} not in:\n{err}"
+
+
+def test_an_empty_override_means_the_default(capsys, tmp_path):
+    from lmm_ray import config
+
+    path = _file(tmp_path, BASE + f"train: {{max_grad_norm: 0.5}}\nstorage: {tmp_path}\n")
+    cfg = config.load_sweep(path, ["stages.0.steps=", "stages.0.epochs=0.5", "train.max_grad_norm="])
+    assert (cfg.stages[0].steps, cfg.stages[0].epochs) == (None, 0.5)  # from steps to epochs
+    assert cfg.train.max_grad_norm == 1.0  # the default, not the file's 0.5
+    assert config.load_sweep(path, ["train.max_grad_norm=null"]).train.max_grad_norm is None  # null, when written
+    rc, out, err = _run(capsys, "validate", path, "stages.0.epochs=")  # no epochs in the file: nothing to remove
+    assert rc == 0 and "count (3 steps)" in out, err
