@@ -446,6 +446,9 @@ def _parse(raw, base_dir: Path | None) -> SweepConfig:
             raise ConfigError("search_space", f"search space file not found: {space_raw} (looked at {', '.join(tried)})",
                               "check the path; it is resolved relative to the sweep file's folder, then the current directory")
         space_raw, space_src = read_yaml(path, "search_space"), str(path)
+        if space_raw is None:
+            raise ConfigError("search_space", f"the search space file {path} is empty (or only comments)",
+                              "write at least `recipe:` and `lr:` in it, e.g. search_spaces/study_recipes.yaml")
     space = parse_search_space(space_raw, "search_space", external, space_src)
 
     sections = dict(

@@ -328,6 +328,9 @@ def load_recipes_file(p: str, base_dir: Path | None) -> dict:
     except ConfigError as e:  # not UTF-8, not YAML, a key twice
         e.field = e.field or "recipes_file"
         raise
+    if not custom:
+        raise ConfigError("recipes_file", f"{path} defines no recipe (empty, or only comments)",
+                          "define one, e.g. `my_attn_o: {roles: [llm.attn.o]}`, or remove recipes_file")
     for n in custom:
         if n in RECIPES:
             raise ConfigError("recipes_file", f"recipe {n!r} is a built-in recipe's name", f"rename it (e.g. my_{n})")

@@ -498,6 +498,17 @@ def test_vague_inputs_get_a_clear_message(capsys, tmp_path, text, args, expect):
         assert word in err, f"{word!r} not in:\n{err}"
 
 
+@pytest.mark.parametrize("key,line,expect", [
+    ("search_space", "search_space: side.yaml", "search_space: the search space file {side} is empty"),
+    ("recipes_file", "recipes_file: side.yaml", "recipes_file: {side} defines no recipe"),
+])
+def test_an_empty_side_file_is_named(capsys, tmp_path, key, line, expect):
+    side = _file(tmp_path, "# nothing yet\n", name="side.yaml")
+    text = BASE if key != "search_space" else BASE.replace("search_space: {recipe: sa_proj, lr: 1.0e-3}\n", "")
+    rc, _, err = _run(capsys, "validate", _file(tmp_path, text + f"{line}\nstorage: {tmp_path}\n"))
+    assert rc == 2 and expect.format(side=side) in err and "fix:" in err and "Traceback" not in err, err
+
+
 def test_an_empty_override_means_the_default(capsys, tmp_path):
     from lmm_ray import config
 
