@@ -247,9 +247,9 @@ def check_local_resources(cfg: SweepConfig, address: str | None) -> str | None:
         if need > gpus:
             raise ConfigError("resources.gpus_per_worker", f"a trial needs {need:g} GPUs, this machine has {gpus}",
                               "set resources.gpus_per_worker: 0 to train on CPU, or run on a cluster with GPUs")
-    import psutil
+    import psutil  # installed with peft (a dependency) and Ray's dashboard
 
-    free = psutil.virtual_memory().available
+    free = psutil.virtual_memory().available  # what Ray itself reads for its `memory` resource
     if free < cluster.LOCAL_OBJECT_STORE_BYTES + MIN_FREE_BYTES:
         raise ConfigError("resources", f"this machine has {free / 2**20:.0f} MiB of memory free; Ray's object store alone "
                           f"takes {cluster.LOCAL_OBJECT_STORE_BYTES / 2**20:.0f} MiB and each worker loads the model",
