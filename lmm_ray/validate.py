@@ -247,7 +247,7 @@ def check_local_resources(cfg: SweepConfig, address: str | None) -> str | None:
         if need > gpus:
             raise ConfigError("resources.gpus_per_worker", f"a trial needs {need:g} GPUs, this machine has {gpus}",
                               "set resources.gpus_per_worker: 0 to train on CPU, or run on a cluster with GPUs")
-    import psutil  # installed with peft (a dependency) and Ray's dashboard
+    import psutil  # installed with peft (a dependency); Ray ships its own copy too
 
     free = psutil.virtual_memory().available  # what Ray itself reads for its `memory` resource
     if free < cluster.LOCAL_OBJECT_STORE_BYTES + MIN_FREE_BYTES:
