@@ -29,11 +29,13 @@ def _export(tmp_path, recipe="sa_proj", lr=1e-3, **params) -> str:
 def test_exported_recipe_round_trips_into_a_sweep(tmp_path):
     path = _export(tmp_path, "lora", 3.0e-4, lora_rank=4)
     assert yaml.safe_load(open(path)) == {"recipe": "lora", "lr": 3.0e-4, "lora_rank": 4}
-    cfg = config.load_sweep(SMOKE, _overrides(tmp_path) + [f"search_space={path}"])
+    one = [f"search_space={path}", "search.num_trials=1"]  # smoke.yaml asks for 2 trials: both would be this one
+    cfg = config.load_sweep(SMOKE, _overrides(tmp_path) + one)
     assert cfg.search_space.searched == []  # every value fixed
     spec = space.trial_recipe(cfg, cfg.search_space.example())
     assert spec.name == "lora" and spec.lora.rank == 4
-    assert cli.main(["validate", SMOKE, *_overrides(tmp_path), f"search_space={path}"]) == 0
+    assert cli.main(["validate", SMOKE, *_overrides(tmp_path), *one]) == 0
+    assert cli.main(["validate", SMOKE, *_overrides(tmp_path), f"search_space={path}"]) == 2  # 2 identical trials
 
 
 def test_train_writes_a_model_that_transformers_loads_and_that_scores_as_reported(tmp_path, ci_base, capsys):
@@ -54,7 +56,7 @@ def test_train_writes_a_model_that_transformers_loads_and_that_scores_as_reporte
 
     # Score the saved folder on the trial's own evaluation data: it must give what the run reported.
     history = json.loads((out / "lmm_ray_metrics.json").read_text())["history"]
-    cfg = config.load_sweep(SMOKE, _overrides(tmp_path) + [f"search_space={recipe}"])
+    cfg = config.load_sweep(SMOKE, _overrides(tmp_path) + [f"search_space={recipe}", "search.num_trials=1"])
     spec = trial_spec(cfg, cfg.search_space.example())
     loaded = models.load_model(str(out))
     report = evaluate.evaluate(loaded.model, loaded.processor, train.trial_eval_sets(spec, loaded.processor),
