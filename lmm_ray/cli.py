@@ -385,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--json", action="store_true", help="print the front, its hypervolume and reference point as JSON")
     pa.add_argument("--plot", metavar="PNG", help="write the learning vs held-out change scatter to this PNG")
     pa.add_argument("--export", metavar="YAML", help="write the picked trial as a recipe YAML (usable as a search space "
-                                                     "and as `lmm-ray train --choice`)")
+                                                     "of one trial, search.num_trials=1, and as `lmm-ray train --choice`)")
     pa.add_argument("--pick", default="knee", choices=["knee", "max-learning", "min-forgetting"],
                     help="which front trial --export writes: knee = the most balanced (default), max-learning, "
                          "min-forgetting (highest held-out change)")
