@@ -442,6 +442,8 @@ def run(cfg: SweepConfig, *, resume: bool = False, address: str | None = None) -
                 os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
             else:
                 os.environ["RAY_AIR_NEW_OUTPUT"] = prev_output
+        if trial_data:  # ~370 MB for the quickstart; a trial resumed later builds its own data
+            Path(trial_data).unlink(missing_ok=True)
         res, st = results.collect(results_grid, cfg, base_metrics, tracking.LINKS.optuna)
         text, files, front = results.write_tables(cfg, res, st, store)
         tracking.log_result(cfg, parent, res, front, files)
