@@ -55,3 +55,32 @@ def test_a_stale_shipped_copy_is_not_used_and_the_reason_is_said(tmp_path, monke
     assert built == [path], "a stale shipped copy must be rebuilt, not used"
     err = capsys.readouterr().err
     assert "not using the shipped base" in err and "source" in err and "make base-ship" in err
+
+
+def test_ship_then_rebuild_matches_and_a_changed_file_is_named(tmp_path, monkeypatch):
+    # A seconds-long preset: ship() copies the cached build with its key; rebuild() builds again in a
+    # temporary folder and compares SHA-256s (bit-exact on this machine), naming any file that differs.
+    from lmm_ray.families import TinySize
+
+    monkeypatch.setenv("LMM_RAY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(base, "SHIPPED_ROOT", tmp_path / "bases")
+    monkeypatch.setitem(base.PRESETS, "unit", base.Preset(
+        TinySize(hidden=32, layers=1, intermediate=64, vision_hidden=32, vision_layers=1),
+        steps=3, batch_size=4, lr=1e-3, n_per_skill=4, eval_n=2))
+    ref = f"base:{FAMILY}@unit"
+    dst = base.ship(ref)
+    assert dst == tmp_path / "bases" / f"{FAMILY}-unit" and base.shipped_problem(FAMILY, "unit") is None
+    ok, lines = base.rebuild(ref)
+    assert ok, lines
+    assert sum(line.startswith("match") for line in lines) == len(json.loads((dst / base.MANIFEST).read_text())["files"])
+
+    # Shipped weights that this code does not produce (another machine's build, older code):
+    man = json.loads((dst / base.MANIFEST).read_text())
+    man["files"]["model.safetensors"] = "0" * 64
+    (dst / base.MANIFEST).write_text(json.dumps(man))
+    ok, lines = base.rebuild(ref)
+    assert not ok and [line.split()[1] for line in lines if line.startswith("MISMATCH")] == ["model.safetensors"]
+    # A shipped file edited after shipping: not used (ensure would build instead).
+    cfg = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**cfg, "note": "edited"}))
+    assert "damaged" in base.shipped_problem(FAMILY, "unit")
