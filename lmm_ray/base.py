@@ -6,6 +6,15 @@ directory keyed by a hash of everything that determines it: family, sizes, skill
 of the generators and tokenizer, the schedule and the seed. `ensure("base:<family>[@preset]")`
 returns that folder, building it on first use.
 
+Shipped bases. The quickstart's base is in the package (`lmm_ray/bases/<family>-<preset>/`, ~6 MB)
+with a manifest holding its `key` and the sha256 of every file: building it costs ~10-20 min
+of a core, which on a fresh clone is more than the whole sweep after it, while a few MB in the
+repository cost nothing to the user. `ensure` copies the shipped folder into the cache (the
+package folder may be read-only, and the cache is what every loader already reads) when its key
+equals the current `key()`; otherwise it builds as before and says why. `rebuild` is the
+one-command check that the shipped weights are what this code trains (bit for bit on the same
+machine and torch build; across CPUs float reductions may differ, docs/base_models.md).
+
 A folder is complete only when its `manifest.json` (written last, with a hash of every file)
 verifies; anything else (an interrupted build, a deleted or edited file) is rebuilt, never loaded.
 """
@@ -26,6 +35,10 @@ from pathlib import Path
 from lmm_ray.families import TinySize
 
 MANIFEST = "manifest.json"
+SHIPPED_ROOT = Path(__file__).parent / "bases"
+INFO = "base_info.json"
+# How to refresh a shipped base after a change to its key's inputs (named by the tests' failure).
+RESHIP = "make base-ship   (= lmm-ray base build --preset {preset} --ship)"
 
 
 @dataclass(frozen=True)
@@ -137,6 +150,44 @@ def verify(path: Path) -> str | None:
     return None
 
 
+def shipped(family: str, preset: str) -> Path:
+    return SHIPPED_ROOT / f"{family}-{preset}"
+
+
+def _plain(obj):
+    """A key as JSON reads it back (tuples become lists), so a manifest's key compares equal."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+def shipped_problem(family: str, preset: str) -> str | None:
+    """None if the package ships this base for the current code; else why it cannot be used."""
+    path = shipped(family, preset)
+    if not (path / MANIFEST).is_file():
+        return "none shipped"
+    try:
+        shipped_key = json.loads((path / MANIFEST).read_text())["key"]
+    except (ValueError, KeyError):
+        return "the shipped manifest has no key"
+    current = _plain(key(family, preset))
+    if shipped_key != current:
+        diff = sorted(k for k in set(current) | set(shipped_key) if current.get(k) != shipped_key.get(k))
+        return (f"the shipped copy was built from other code or settings (differs in: {', '.join(diff)}); "
+                f"reship it with: {RESHIP.format(preset=preset)}")
+    problem = verify(path)
+    return None if problem is None else f"the shipped copy is damaged: {problem}"
+
+
+def _install_shipped(family: str, preset: str, path: Path) -> None:
+    """Copy the shipped folder into the cache: write a temporary folder, rename it into place."""
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(shipped(family, preset), tmp)
+    for f in tmp.iterdir():  # the package's modes (read-only installs) are not the cache's
+        f.chmod(0o644)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
 @contextlib.contextmanager
 def _lock(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -156,6 +207,15 @@ def ensure(ref: str, *, force: bool = False, quiet: bool = False) -> Path:
         return path
     with _lock(path):
         problem = verify(path)
+        if not force and problem is not None:
+            ship_problem = shipped_problem(family, preset)
+            if ship_problem is None:
+                _install_shipped(family, preset, path)
+                if verify(path) is None:
+                    return path
+                ship_problem = f"the copy in the cache does not verify: {verify(path)}"
+            if ship_problem != "none shipped":
+                problem = f"{problem}; not using the shipped base: {ship_problem}"
         if force or problem is not None:
             if not quiet:
                 p = PRESETS[preset]
@@ -230,6 +290,55 @@ def build(family: str, preset: str, path: Path, progress: bool = True) -> dict:
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
     return info
+
+
+def ship(ref: str) -> Path:
+    """Copy the cached build of `ref` (built first if needed) into the package, with a manifest
+    holding its key: what `ensure` then uses instead of building."""
+    family, preset = parse_ref(ref)
+    src = folder(family, preset)
+    if verify(src) is not None:
+        src = ensure(ref, force=True)  # never ship a copy that came from the shipped one
+    dst = shipped(family, preset)
+    shutil.rmtree(dst, ignore_errors=True)
+    dst.mkdir(parents=True)
+    for f in sorted(src.iterdir()):
+        if f.is_file() and f.name != MANIFEST:
+            shutil.copyfile(f, dst / f.name)
+    (dst / MANIFEST).write_text(json.dumps({"key": _plain(key(family, preset)), "files": _file_hashes(dst)}, indent=1) + "\n")
+    return dst
+
+
+def rebuild(ref: str) -> tuple[bool, list[str]]:
+    """Build `ref` afresh into a temporary folder and compare every file's sha256 with the shipped
+    copy (or, if none is shipped, the cached build). Returns (all equal, one line per file).
+    base_info.json must agree on what the build is (key, final loss); its evaluation report and
+    build time are said, not compared: evaluate.py is not part of the key, so a later change to
+    the evaluation changes the report of the same weights."""
+    import tempfile
+
+    family, preset = parse_ref(ref)
+    ref_dir = shipped(family, preset) if (shipped(family, preset) / MANIFEST).is_file() else folder(family, preset)
+    expected = json.loads((ref_dir / MANIFEST).read_text())["files"]
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "build"
+        build(family, preset, out, progress=True)
+        actual = _file_hashes(out)
+        lines, ok = [], True
+        for name in sorted(set(expected) | set(actual)):
+            note = ""
+            if name == INFO and name in actual:
+                new, old = json.loads((out / INFO).read_text()), json.loads((ref_dir / INFO).read_text())
+                same = all(_plain(new.get(k)) == _plain(old.get(k)) for k in ("key", "final_loss"))
+                report = sorted(k for k in set(new) | set(old) if k not in ("key", "final_loss", "build_seconds")
+                                and new.get(k) != old.get(k))
+                note = f" (key and final loss compared; report differs in {report})" if report else ""
+            else:
+                same = expected.get(name) == actual.get(name)
+            ok &= same
+            lines.append(f"{'match   ' if same else 'MISMATCH'} {name} {actual.get(name, 'missing')[:16]}{note}")
+    lines.append(f"compared with {ref_dir}")
+    return ok, lines
 
 
 def info(ref: str) -> dict:

@@ -135,6 +135,13 @@ def cmd_base(a) -> int:
     from lmm_ray import base
 
     ref = f"base:{a.family}" + (f"@{a.preset}" if a.preset else "")
+    if a.action == "build" and (a.verify or a.ship):
+        if a.ship:
+            print(f"{ref}: shipped as {base.ship(ref)}")
+            return 0
+        ok, lines = base.rebuild(ref)
+        print("\n".join(lines) + f"\n{ref}: {'bit-exact rebuild' if ok else 'the rebuild DIFFERS from the shipped copy'}")
+        return 0 if ok else 1
     if a.action == "build":
         t0 = time.time()
         path = base.ensure(ref, force=a.force)
@@ -350,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--family", default="qwen2_5_vl", help="model family (default qwen2_5_vl)")
     b.add_argument("--preset", help="quickstart | ci (default: the family's first preset)")
     b.add_argument("--force", action="store_true", help="rebuild even when cached")
+    b.add_argument("--verify", action="store_true", help="rebuild in a temporary folder; compare sha256 with the shipped copy")
+    b.add_argument("--ship", action="store_true", help="copy the build into the package (lmm_ray/bases) with its key")
     b.set_defaults(fn=cmd_base)
 
     def sweep_args(q, resume: bool = False):

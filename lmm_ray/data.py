@@ -128,6 +128,26 @@ def encode_prompts(processor, samples: Sequence[Sample] | SamplePlan):
     return [encode_prompt_one(processor, s) for s in samples]
 
 
+POSITION_KEY = "position_ids"
+_ROPE_INPUTS = ("input_ids", "mm_token_type_ids", "image_grid_thw", "attention_mask")
+
+
+def add_position_ids(model, encodings: Sequence[dict]) -> None:
+    """Store each training encoding's position ids, for models that derive them from the input ids
+    and image grids (Qwen2-VL's multimodal RoPE: `get_rope_index`, a Python loop over the batch
+    that every forward otherwise repeats for samples a stage draws again and again). Computed on
+    one unpadded sample they are the batch's row exactly (get_rope_index gives padding 0, which
+    `collate` pads with), so the forward is unchanged bit for bit (tests/test_train.py)."""
+    rope = next((m.get_rope_index for m in model.modules() if hasattr(m, "get_rope_index")), None)
+    if rope is None:
+        return
+    with torch.no_grad():
+        for e in encodings:
+            if all(k in e for k in _ROPE_INPUTS):
+                e[POSITION_KEY] = rope(e["input_ids"], mm_token_type_ids=e["mm_token_type_ids"],
+                                       image_grid_thw=e["image_grid_thw"], attention_mask=e["attention_mask"])[0]
+
+
 def _cat_images(key: str, ts: list[torch.Tensor]) -> torch.Tensor:
     if all(t.shape[1:] == ts[0].shape[1:] for t in ts):
         return torch.cat(ts)
@@ -146,7 +166,14 @@ def collate(encs: Sequence[dict[str, torch.Tensor]], pad_id: int, side: str = "r
     length = max(e["input_ids"].shape[1] for e in encs)
     batch: dict[str, torch.Tensor] = {}
     for key in encs[0]:
-        if key in TOKEN_KEYS:
+        if key == POSITION_KEY:  # [3, 1, L]: padded with 0 as get_rope_index pads; rows along dim 1
+            rows = []
+            for e in encs:
+                t = e[key]
+                pad = t.new_zeros(*t.shape[:2], length - t.shape[2])
+                rows.append(torch.cat([t, pad] if side == "right" else [pad, t], dim=2))
+            batch[key] = torch.cat(rows, dim=1)
+        elif key in TOKEN_KEYS:
             fill = {"input_ids": pad_id, "labels": IGNORE}.get(key, 0)
             rows = []
             for e in encs:

@@ -25,7 +25,7 @@ from lmm_ray.config import SweepConfig
 from lmm_ray.errors import SweepError
 from lmm_ray.results import Store
 from lmm_ray.schema import is_uri
-from lmm_ray.train import BASE_FILE  # in the sweep's folder too: the base evaluation every trial shares
+from lmm_ray.train import BASE_FILE, TRIAL_DATA  # in the sweep's folder too: the base evaluation every trial shares
 from lmm_ray.trial import PREDICTIONS, trial_spec
 
 TUNE_DIR = "tune"
@@ -138,7 +138,7 @@ def quiet_base_loop(config: dict) -> None:
     base_loop_per_worker(config)
 
 
-def make_trial_fn(cfg: SweepConfig, base_packed: dict):
+def make_trial_fn(cfg: SweepConfig, base_packed: dict, trial_data: str | None = None):
     """The Tune trial: builds the trial's TorchTrainer and runs it to the end."""
     import ray.train
     import ray.train.torch
@@ -152,7 +152,7 @@ def make_trial_fn(cfg: SweepConfig, base_packed: dict):
         spec = trial_spec(cfg, sampled, tid)
         ray.train.torch.TorchTrainer(
             quiet_train_loop,
-            train_loop_config={"trial": spec.to_dict(), "base_eval": base_packed,
+            train_loop_config={"trial": spec.to_dict(), "base_eval": base_packed, "trial_data": trial_data,
                                "threads": max(1, int(cfg.resources.cpus_per_worker))},
             scaling_config=_scaling(cfg),
             run_config=ray.train.RunConfig(
@@ -170,7 +170,7 @@ def make_trial_fn(cfg: SweepConfig, base_packed: dict):
     return trial
 
 
-def evaluate_base(cfg: SweepConfig) -> str:
+def evaluate_base(cfg: SweepConfig, trial_data: str | None = None) -> str:
     """The base model evaluated once per sweep, on Ray Train with a trial's resources (GPUs, and
     sharded over the workers like a trial); returns the text of base_eval.json."""
     import ray.train
@@ -179,7 +179,8 @@ def evaluate_base(cfg: SweepConfig) -> str:
     spec = trial_spec(cfg, cfg.search_space.example(), trial_id="base")
     result = ray.train.torch.TorchTrainer(
         quiet_base_loop,
-        train_loop_config={"trial": spec.to_dict(), "threads": max(1, int(cfg.resources.cpus_per_worker))},
+        train_loop_config={"trial": spec.to_dict(), "trial_data": trial_data,
+                           "threads": max(1, int(cfg.resources.cpus_per_worker))},
         scaling_config=_scaling(cfg),
         run_config=ray.train.RunConfig(name="base_eval", storage_path=cfg.sweep_dir,
                                        logging_config=ray.train.LoggingConfig(log_level="WARNING")),
@@ -406,13 +407,15 @@ def run(cfg: SweepConfig, *, resume: bool = False, address: str | None = None) -
         store.write_text("sweep.json", json.dumps(cfg.public_dict(), indent=1, default=str))
         parent = tracking.parent_run(cfg.mlflow_uri, cfg.experiment, cfg.name, cfg.public_dict(),
                                      None if store.is_uri else str(store.local / "mlartifacts"))
+        # The trials' evaluation sets and stage pools, built once by the base evaluation (train.TRIAL_DATA).
+        trial_data = None if store.is_uri else str(store.local / TRIAL_DATA)
         if not store.exists(BASE_FILE):
             print(f"[lmm_ray] evaluating the base model {cfg.model} once for the whole sweep ...", file=sys.stderr, flush=True)
-            store.write_text(BASE_FILE, evaluate_base(cfg))
+            store.write_text(BASE_FILE, evaluate_base(cfg, trial_data))
         packed = json.loads(store.read_text(BASE_FILE))
         packed["probe"] = bytes.fromhex(packed["probe"])
         base_metrics = unpack_base(packed)[0]
-        trainable = ray.tune.with_resources(make_trial_fn(cfg, packed), cluster.TRIAL_DRIVER_RESOURCES)
+        trainable = ray.tune.with_resources(make_trial_fn(cfg, packed, trial_data), cluster.TRIAL_DRIVER_RESOURCES)
         logger = tracking.TrialLogger(cfg.mlflow_uri, cfg.experiment, cfg.name, parent, len(cfg.stages), base_metrics,
                                       cfg.stage_names, predictions_root=None if store.is_uri else str(store.local / PREDICTIONS))
         if resume:
@@ -442,6 +445,8 @@ def run(cfg: SweepConfig, *, resume: bool = False, address: str | None = None) -
                 os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
             else:
                 os.environ["RAY_AIR_NEW_OUTPUT"] = prev_output
+        if trial_data:  # ~370 MB for the quickstart; a trial resumed later builds its own data
+            Path(trial_data).unlink(missing_ok=True)
         res, st = results.collect(results_grid, cfg, base_metrics, tracking.LINKS.optuna)
         text, files, front = results.write_tables(cfg, res, st, store)
         tracking.log_result(cfg, parent, res, front, files)

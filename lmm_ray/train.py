@@ -112,6 +112,65 @@ def stage_pool(spec: TrialSpec, s: int):
     return _samples(st.name, st.skill, st.data, spec.train.n_train, spec.train.seed, spec.eval.image_size)
 
 
+def stage_inputs(spec: TrialSpec, s: int, processor, model=None):
+    """What stage s trains on: a generated pool encoded up front, one processor call per sample
+    (a stage draws steps x batch samples from the pool, ~1.9 per sample in the quickstart, and
+    encoding on every draw repeated that work), with the model's position ids when it computes
+    them from the inputs (data.add_position_ids); a data source's plan stays a plan (stream.py)."""
+    from lmm_ray import data
+
+    pool = stage_pool(spec, s)
+    if not isinstance(pool, list):
+        return pool
+    encs = data.encode_train(processor, pool)
+    if model is not None:
+        data.add_position_ids(model, encs)
+    return encs
+
+
+# Shared by the trials of a sweep: its evaluation sets, caption prompts and encoded stage pools
+# are the same for every trial (same skills, seeds and processor), so the base evaluation builds
+# them once and writes them to <sweep>/TRIAL_DATA; each trial maps the file (torch.load with
+# mmap: concurrent trials share the pages) instead of generating and encoding ~4,000 samples
+# (~5 s of a ~60 s quickstart trial). Only generated skills: a data source's plans stream as before.
+TRIAL_DATA = "trial_data.pt"
+
+
+def data_key(spec: TrialSpec) -> str:
+    """Everything a trial's evaluation sets and stage pools depend on; a trial uses a shared file
+    only if its key is this trial's (a searched `train.n_train` or seed would change it)."""
+    import hashlib
+    import json
+
+    d = spec.to_dict()
+    k = {"model": d["model"], "stages": d["stages"], "heldout": d["heldout"], "eval": d["eval"], "data": d["data"],
+         "n_train": spec.train.n_train, "seed": spec.train.seed}
+    return hashlib.sha256(json.dumps(k, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def build_trial_data(spec: TrialSpec, processor, evaluation: tuple | None = None, model=None) -> dict | None:
+    """{"key", "sets", "captions", "pools"} of a trial whose skills are all generated; None otherwise."""
+    sets, captions = evaluation or trial_evaluation(spec, processor)
+    pools = [stage_inputs(spec, s, processor, model) for s in range(len(spec.stages))]
+    if not all(isinstance(x, list) for x in [*pools, captions, *(es.encodings for es in sets.values())]):
+        return None  # streamed data: nothing small enough to share
+    return {"key": data_key(spec), "sets": sets, "captions": captions, "pools": pools}
+
+
+def save_trial_data(path: str, shared: dict) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(shared, tmp)
+    os.replace(tmp, path)  # a reader sees the whole file or none
+
+
+def load_trial_data(path: str | None, spec: TrialSpec) -> dict | None:
+    """The shared data at `path` if it exists and was built for this trial's data; else None."""
+    if not path or not os.path.isfile(path):
+        return None
+    shared = torch.load(path, mmap=True, weights_only=False)
+    return shared if shared.get("key") == data_key(spec) else None
+
+
 # ---------------------------------------------------------------------------------------------
 # Precision and placement
 
@@ -256,16 +315,20 @@ def run_trial(
     world_size: int = 1,
     train_model=None,
     ckpt_root: str | None = None,
+    shared: dict | None = None,
 ) -> list[dict]:
     """Run (or resume) every stage; call `report(metrics, ckpt_dir)` after each. Returns the history.
 
     `train_model` is what `distribute` returned (DDP / FSDP); every rank runs this same function,
-    evaluates its slice, and gets the same history. Only rank 0 writes checkpoints."""
+    evaluates its slice, and gets the same history. Only rank 0 writes checkpoints. `shared`: the
+    sweep's evaluation sets and stage pools (build_trial_data), instead of building them here."""
     if model is None:
         loaded, model, resolved = prepare(spec)
     train_model = train_model or model
     tr, rspec = spec.train, spec.recipe
-    sets, captions = trial_evaluation(spec, loaded.processor)
+    if shared is not None and shared["key"] != data_key(spec):
+        raise ValueError("run_trial: the shared trial data was built for other skills, seeds or sizes")
+    sets, captions = (shared["sets"], shared["captions"]) if shared else trial_evaluation(spec, loaded.processor)
     if base is None:  # a plain run: evaluate the base here (the recipe has not changed any weight yet)
         base = base_evaluation(spec, loaded=loaded, evaluation=(sets, captions))
     base_metrics, probe_base, base_predictions = base
@@ -285,7 +348,8 @@ def run_trial(
         return history
 
     for s in range(start, len(spec.stages)):
-        pool = stage_pool(spec, s)  # references (a plan) or generated samples; batches come from the loader
+        # references (a plan) or encoded generated samples; batches come from the loader
+        pool = shared["pools"][s] if shared else stage_inputs(spec, s, loaded.processor, loaded.model)
         steps = spec.stage_steps(s, len(pool))
         batches = stream.stage_loader(
             pool, loaded.processor, pad_id=pad_id, steps=steps, batch_size=tr.batch_size, seed=tr.seed, stage=s + 1,
@@ -393,12 +457,14 @@ def train_loop_per_worker(config: dict) -> None:
     train_model = distribute(spec, loaded, model, world)
     ckpt = ray.train.get_checkpoint()
     base = unpack_base(config["base_eval"]) if config.get("base_eval") else None
+    shared = load_trial_data(config.get("trial_data"), spec)
 
     def report(metrics: dict, ckpt_dir: str | None) -> None:
         ck = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
         ray.train.report(metrics, checkpoint=ck)
 
-    kw = dict(loaded=loaded, model=model, resolved=resolved, base=base, rank=rank, world_size=world, train_model=train_model)
+    kw = dict(loaded=loaded, model=model, resolved=resolved, base=base, rank=rank, world_size=world, train_model=train_model,
+              shared=shared)
     if ckpt is not None:
         with ckpt.as_directory() as d:
             run_trial(spec, report, restore_dir=d, **kw)
@@ -421,7 +487,12 @@ def base_loop_per_worker(config: dict) -> None:
     loaded = load(spec, device)
     if world > 1 and spec.strategy == "fsdp":
         parallel.shard_model(loaded.model, loaded.family, mp_dtype=dtypes(spec, device)[1])
-    packed = pack_base(*base_evaluation(spec, loaded=loaded))
+    evaluation = trial_evaluation(spec, loaded.processor)
+    packed = pack_base(*base_evaluation(spec, loaded=loaded, evaluation=evaluation))
+    if rank == 0 and config.get("trial_data"):
+        shared = build_trial_data(spec, loaded.processor, evaluation, loaded.model)
+        if shared is not None:
+            save_trial_data(config["trial_data"], shared)
     if rank == 0:
         with tempfile.TemporaryDirectory() as d:
             (Path(d) / BASE_FILE).write_text(json.dumps({**packed, "probe": packed["probe"].hex()}))

@@ -462,3 +462,65 @@ def test_ddp_nonfinite_on_one_rank_stops_all_ranks_at_the_same_step(tmp_path):
     msgs = [(tmp_path / f"rank{r}").read_text() for r in (0, 1)]
     assert all(re.search(r"stage 1, step 3\b", m) for m in msgs), msgs
     assert "inf" in msgs[1] and "nan" in msgs[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Data built once per sweep (train.build_trial_data) and one processor call per sample
+
+
+def test_shared_trial_data_gives_the_same_trial_and_no_processor_call(small_spec, tmp_path, monkeypatch):
+    from lmm_ray import data
+
+    spec = small_spec("sa_proj", stages=2, steps=6)  # 6 steps x 8 from a pool of 64: some samples drawn twice
+    calls = []
+    real_one = data._one
+    monkeypatch.setattr(data, "_one", lambda *a, **k: (calls.append(1), real_one(*a, **k))[1])
+
+    plain = Recorder(tmp_path / "plain")
+    hist_plain = train.run_trial(spec, plain)
+    n_eval = len(spec.stages + spec.heldout) * spec.eval.n_per_skill + len(spec.heldout) * spec.eval.caption_probe_n
+    # one call per evaluation prompt and per pool sample, however often a stage draws it
+    assert len(calls) == n_eval + len(spec.stages) * spec.train.n_train
+
+    loaded = train.load(spec)  # another process would build it: a fresh processor
+    path = str(tmp_path / train.TRIAL_DATA)
+    train.save_trial_data(path, train.build_trial_data(spec, loaded.processor, model=loaded.model))
+    shared = train.load_trial_data(path, spec)
+    assert shared is not None
+    calls.clear()
+    with_shared = Recorder(tmp_path / "shared")
+    hist_shared = train.run_trial(spec, with_shared, shared=shared)
+    assert calls == [], "a trial with the sweep's data must not run the processor"
+    assert len(hist_shared) == len(hist_plain) == 3
+    for a, b in zip(with_shared.metrics, plain.metrics):
+        assert_same_metrics(a, b)
+    ta, tb = load_file(str(with_shared.ckpts[2] / TENSORS)), load_file(str(plain.ckpts[2] / TENSORS))
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[n], tb[n]) for n in ta)
+
+    # Another pool size or seed: the file is not this trial's data, so it is not used.
+    assert train.load_trial_data(path, small_spec("sa_proj", stages=2, steps=6, train={"n_train": 32})) is None
+    assert train.load_trial_data(path, small_spec("sa_proj", stages=2, steps=6, train={"seed": 1})) is None
+    assert train.load_trial_data(path, small_spec("mlp", lr=5e-4, stages=2, steps=6)) is not None  # recipe, lr: same data
+
+
+def test_encoded_pool_gives_the_batches_of_the_lazy_pool_and_the_same_forward(small_spec):
+    from lmm_ray import data, stream
+
+    spec = small_spec("sa_proj", stages=1, steps=6)
+    loaded = train.load(spec)
+    samples = train.stage_pool(spec, 0)
+    kw = dict(pad_id=loaded.tokenizer.pad_token_id, steps=6, batch_size=8, seed=0, stage=1)
+    lazy = list(stream.stage_loader(samples, loaded.processor, **kw))
+    encoded = list(stream.stage_loader(train.stage_inputs(spec, 0, loaded.processor, loaded.model), **kw))
+    assert len(lazy) == len(encoded) == 6
+    model = loaded.model.train()
+    for a, b in zip(lazy, encoded):
+        assert set(b) == set(a) | {data.POSITION_KEY}
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        # Per-sample position ids, padded, are exactly what the model computes for the batch ...
+        pos = model.model.get_rope_index(a["input_ids"], mm_token_type_ids=a["mm_token_type_ids"],
+                                         image_grid_thw=a["image_grid_thw"], attention_mask=a["attention_mask"])[0]
+        assert torch.equal(b[data.POSITION_KEY], pos)
+        # ... so the training forward (loss and logits) is bit for bit the same.
+        oa, ob = model(**a), model(**b)
+        assert torch.equal(oa.loss, ob.loss) and torch.equal(oa.logits, ob.logits)
