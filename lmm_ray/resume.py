@@ -50,7 +50,7 @@ class SigintWatch:
         if not self._main:
             return False
         tune_catches = not int(os.getenv("TUNE_DISABLE_SIGINT_HANDLER", "0"))
-        if tune_catches and signal.getsignal(signal.SIGINT) is self._handler:
+        if tune_catches and signal.getsignal(signal.SIGINT) == self._handler:  # (a bound method: ==, not is)
             self.interrupted = True
         signal.signal(signal.SIGINT, self._before)
         return False
