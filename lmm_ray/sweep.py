@@ -238,8 +238,9 @@ class StageAwareOptunaSearch(OptunaSearch):
 
         super().restore(checkpoint_path)
         tracking.LINKS.optuna.update({tid: t.number for tid, t in self._ot_trials.items()})
-        # Trials Optuna finished after Tune's last save: Tune runs them again, Optuna hears nothing more.
-        self._settled = resume.settled_in_optuna(self._ot_study, self._ot_trials) - self._completed_trials
+        # Trials Optuna has finished, some perhaps after Tune's last save: Tune may run those again,
+        # Optuna hears nothing more of any of them (and no warning repeats their whole result).
+        self._settled = resume.settled_in_optuna(self._ot_study, self._ot_trials)
         self._completed_trials |= self._settled
 
     def on_trial_result(self, trial_id: str, result: dict):
