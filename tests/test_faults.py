@@ -6,7 +6,7 @@ one at a time: 1e-4 and 3e-4 train, 1e+06 goes non-finite), faults from tests/fa
   - "drv": Ray Train worker killed mid-stage with resources.max_failures=1 (recovers); the driver
     SIGKILLed right after Optuna records a COMPLETE trial (Optuna COMPLETE, Tune's state RUNNING);
     --resume while the storage turns read-only (clear message, exit 2); --resume again (completes);
-  - "int": a worker killed without max_failures (that trial fails with a readable reason); a second
+  - "int": a worker killed with resources.max_failures=0 (that trial fails with a readable reason); a second
     sweep of the same name refused; Ctrl-C (exit 130, resume command, MLflow runs KILLED); --resume.
 The trial with lr 1e-4 is compared, in both, with the same trial run plainly in this process.
 """
@@ -276,15 +276,18 @@ def test_ctrl_c_then_resume_and_a_worker_killed_without_retries(setup):
     if (root / "drv" / "base_eval.json").exists():  # the same file: the same base evaluation
         shutil.copy(root / "drv" / "base_eval.json", d / "base_eval.json")
     fault = {"FAULT_KILL_WORKER_LR": str(OTHER)}
-    p = start(root, name, marks=marks, env=fault, log="1")
+    p = start(root, name, "resources.max_failures=0", marks=marks, env=fault, log="1")  # (the default retries once)
     try:
         deadline, running = time.time() + 400, None
-        while not (d / "mlflow.db").exists():  # the sweep holds its name's lock by then
+        while not (d / "tune" / "tuner.pkl").exists():
             assert p.poll() is None and time.time() < deadline, text(root, name, "1")[-5000:]
             time.sleep(0.5)
-        # a second sweep of the same name, started now, is refused with the fix
+        # A second driver on the same sweep is refused with the fix by the name's lock. (--resume: a
+        # fresh one is already refused for the name existing; two started at the same instant both
+        # pass that check, and the lock is what refuses one of them.)
         second = subprocess.run([sys.executable, "-m", "lmm_ray.cli", "sweep", str(root / "f.yaml"), f"storage={root}",
-                                 f"name={name}"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+                                 f"name={name}", "--resume"], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                                timeout=120)
         assert second.returncode == 2 and "is running now" in second.stderr and "name=" in second.stderr, second.stderr
         while running is None:  # Ctrl-C while the 1e-4 trial trains
             assert p.poll() is None and time.time() < deadline, text(root, name, "1")[-5000:]
@@ -300,7 +303,7 @@ def test_ctrl_c_then_resume_and_a_worker_killed_without_retries(setup):
     assert rc == 130, log[-5000:]
     said = [ln for ln in log.splitlines() if ln.startswith("lmm-ray sweep: interrupted")]
     assert said and said[0].startswith("lmm-ray sweep: interrupted — resume with: "), log[-3000:]
-    assert said[0].endswith(f"storage={root} name={name} --resume"), said
+    assert said[0].endswith(f"storage={root} name={name} resources.max_failures=0 --resume"), said
     after = log[log.index("Stop signal received"):]  # (before it: Tune's report of the killed worker's trial)
     assert "Traceback" not in after and f"== sweep {name}:" not in log and "Tuner.restore" not in log
     assert not (d / "results.csv").exists()
@@ -310,7 +313,8 @@ def test_ctrl_c_then_resume_and_a_worker_killed_without_retries(setup):
     assert run.info.status == "KILLED" and run.data.tags["lmm_ray.status"] == "interrupted"
     assert not [r for r in children if r.info.status == "RUNNING"]
 
-    rc, log = finish(start(root, name, "--resume", marks=marks, env=fault, log="2"), root, name, "2")
+    rc, log = finish(start(root, name, "resources.max_failures=0", "--resume", marks=marks, env=fault, log="2"),
+                     root, name, "2")
     assert rc == 0, log[-6000:]
     res = pd.read_csv(d / "results.csv", dtype={"trial_id": str})
     rows = by_lr(res)
