@@ -494,20 +494,36 @@ class _DropLines:
         return not str(record.msg).startswith(self.prefixes)
 
 
+class _TrialFailedLine:
+    """Tune's "Trial task failed for trial X" with the whole traceback (~40 lines of Ray's wrappers)
+    becomes one line with the reason (results.failure_reason); the whole error stays in the trial's
+    MLflow run (error.txt) and its Tune folder."""
+
+    def filter(self, record) -> bool:
+        if str(record.msg).startswith("Trial task failed for trial") and record.exc_info:
+            error = record.exc_info if isinstance(record.exc_info, BaseException) else record.exc_info[1]
+            record.msg = f"{record.getMessage()}: {results.failure_reason(error)}"
+            record.args, record.exc_info, record.exc_text = (), None, None
+        return True
+
+
 @contextlib.contextmanager
 def _tune_lines_filtered():
-    """Two of Tune's closing lines do not fit a CLI: after Ctrl-C, "Resume experiment with:
-    Tuner.restore(...)" (Python, where `lmm-ray sweep --resume` is the way: the CLI prints it), and
-    "Trials did not complete: [...]" at ERROR level for failed trials (the summary says which and why)."""
+    """Three of Tune's lines do not fit a CLI: after Ctrl-C, "Resume experiment with:
+    Tuner.restore(...)" (Python, where `lmm-ray sweep --resume` is the way: the CLI prints it),
+    "Trials did not complete: [...]" at ERROR level for failed trials (the summary says which and
+    why), and a failed trial's traceback (_TrialFailedLine)."""
     import logging
 
-    log = logging.getLogger("ray.tune.tune")
-    f = _DropLines("Experiment has been interrupted", "Trials did not complete")
+    log, controller = logging.getLogger("ray.tune.tune"), logging.getLogger("ray.tune.execution.tune_controller")
+    f, one_line = _DropLines("Experiment has been interrupted", "Trials did not complete"), _TrialFailedLine()
     log.addFilter(f)
+    controller.addFilter(one_line)
     try:
         yield
     finally:
         log.removeFilter(f)
+        controller.removeFilter(one_line)
 
 
 def _lock(cfg: SweepConfig):
