@@ -6,8 +6,9 @@ one at a time: 1e-4 and 3e-4 train, 1e+06 goes non-finite), faults from tests/fa
   - "drv": Ray Train worker killed mid-stage with resources.max_failures=1 (recovers); the driver
     SIGKILLed right after Optuna records a COMPLETE trial (Optuna COMPLETE, Tune's state RUNNING);
     --resume while the storage turns read-only (clear message, exit 2); --resume again (completes);
-  - "int": a worker killed with resources.max_failures=0 (that trial fails with a readable reason); a second
-    sweep of the same name refused; Ctrl-C (exit 130, resume command, MLflow runs KILLED); --resume.
+  - "int": a worker killed with resources.max_failures=0 (that trial fails with a readable reason, the
+    sweep goes on); a second driver on the sweep refused; Ctrl-C (exit 130, the resume command, MLflow
+    runs KILLED); --resume (which retries the trial that failed with an error).
 The trial with lr 1e-4 is compared, in both, with the same trial run plainly in this process.
 """
 
@@ -312,6 +313,12 @@ def test_ctrl_c_then_resume_and_a_worker_killed_without_retries(setup):
     run = {r.info.run_id: r for r in children}[running.info.run_id]
     assert run.info.status == "KILLED" and run.data.tags["lmm_ray.status"] == "interrupted"
     assert not [r for r in children if r.info.status == "RUNNING"]
+    # the trial whose worker was killed, with no retry left, failed with a readable reason; the sweep went on
+    lost = [r for r in children if json.loads(r.data.tags["lmm_ray.config"])["lr"] == OTHER]
+    assert len(lost) == 1 and lost[0].info.status == "FAILED", [r.data.tags for r in lost]
+    why = lost[0].data.tags["lmm_ray.reason"]
+    assert why.startswith("a training worker died (killed, out of memory or crashed)"), why
+    assert f": {why}" in log and "error.txt" in [a.path for a in mlflow_client(d).list_artifacts(lost[0].info.run_id)]
 
     rc, log = finish(start(root, name, "resources.max_failures=0", "--resume", marks=marks, env=fault, log="2"),
                      root, name, "2")
@@ -319,7 +326,8 @@ def test_ctrl_c_then_resume_and_a_worker_killed_without_retries(setup):
     res = pd.read_csv(d / "results.csv", dtype={"trial_id": str})
     rows = by_lr(res)
     assert len(res) == 3 and rows[GOOD]["status"] == "finished"
-    assert rows[OTHER]["status"] == "failed" and rows[OTHER]["reason"].startswith("a training worker died"), rows[OTHER]
+    # --resume retries a trial that ended in an error (its worker was killed): it trains again and finishes
+    assert rows[OTHER]["status"] == "finished" and len(list(marks.glob(f"start.{OTHER:g}.1.*"))) == 2, rows[OTHER]
     assert rows[NONFINITE]["status"] == "failed" and re.match(NONFINITE_REASON, rows[NONFINITE]["reason"])
     check_ended_cleanly(d, name, res, log)
     assert {k: rows[GOOD][k] for k in AGGREGATES} == pytest.approx(uninterrupted(root, name, GOOD), rel=1e-6, abs=1e-9)
