@@ -461,8 +461,13 @@ def run(cfg: SweepConfig, *, resume: bool = False, address: str | None = None) -
             raise KeyboardInterrupt
         res, st = results.collect(results_grid, cfg, base_metrics, tracking.LINKS.optuna)
         # What a killed driver left out of step with Tune's state (resume.py): closed, not left RUNNING.
-        tracking.settle_runs(cfg.mlflow_uri, cfg.experiment, cfg.name, res)
-        resuming.settle_optuna(cfg, res["trial_id"].astype(str))
+        try:
+            tracking.settle_runs(cfg.mlflow_uri, cfg.experiment, cfg.name, res)
+            resuming.settle_optuna(cfg, res["trial_id"].astype(str))
+        except Exception as e:  # noqa: BLE001 - bookkeeping: the results below matter more
+            if resuming.storage_problem(cfg.sweep_dir):
+                raise
+            print(f"[lmm_ray] could not reconcile MLflow/Optuna with Tune's state: {e}", file=sys.stderr)
         text, files, front = results.write_tables(cfg, res, st, store)
         tracking.log_result(cfg, parent, res, front, files)
         print(text)
