@@ -131,7 +131,7 @@ class StorageWatch(Callback):
     checkpoint folder, Tune logs each failure with a traceback, and the sweep ends minutes later
     with Optuna's or MLflow's sqlite error."""
 
-    def __init__(self, sweep_dir: str, every_s: float = 2.0):
+    def __init__(self, sweep_dir: str, every_s: float = 5.0):
         self.sweep_dir, self.every_s, self._next = sweep_dir, every_s, 0.0
 
     def on_step_begin(self, iteration, trials, **info):
