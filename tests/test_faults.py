@@ -64,7 +64,7 @@ def start(root: Path, name: str, *extra: str, marks: Path | None = None, env: di
     return subprocess.Popen(argv, cwd=ROOT, env=e, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def finish(p: subprocess.Popen, root: Path, name: str, log: str, timeout: float = 420) -> tuple[int, str]:
+def finish(p: subprocess.Popen, root: Path, name: str, log: str, timeout: float = 600) -> tuple[int, str]:
     try:
         rc = p.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
