@@ -382,13 +382,19 @@ class TrialLogger(Callback):
 
 
 def trial_error(trial):
-    """A Tune trial's last error: the exception itself where Tune could pickle it, else its text."""
-    for get in ("get_pickled_error", "get_error"):
+    """A Tune trial's last error: the exception itself where Tune could pickle it, else its text.
+    When on_trial_error runs, Tune has written them to the driver's staging folder only (the
+    sweep's storage gets them at the next sync), so that copy is read first."""
+    from ray import cloudpickle
+
+    for path, read in ((getattr(trial, "pickled_error_file", None), lambda f: cloudpickle.loads(Path(f).read_bytes())),
+                       (getattr(trial, "error_file", None), lambda f: Path(f).read_text()),
+                       (True, lambda _: trial.get_pickled_error() or trial.get_error())):
         try:
-            error = getattr(trial, get)()
-        except Exception:  # noqa: BLE001 - unreadable storage: the reason says the trial failed, no more
+            error = read(path) if path else None
+        except Exception:  # noqa: BLE001 - unreadable: the reason says the trial failed, no more
             error = None
-        if error is not None:
+        if error:
             return error
     return None
 
