@@ -15,7 +15,7 @@ import time
 import traceback
 from pathlib import Path
 
-from lmm_ray.errors import ResultsNotFound, UserError
+from lmm_ray.errors import Interrupted, ResultsNotFound, UserError
 from lmm_ray.schema import mask_secrets
 
 EXIT_USAGE = 2
@@ -473,10 +473,25 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"lmm-ray {args.cmd}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except Interrupted as e:  # Ctrl-C: one line that says how to go on, no traceback
+        print(f"lmm-ray {args.cmd}: {e} — {_go_on(argv, e.resumable)}", file=sys.stderr, flush=True)
+        return e.exit_code
     except Exception:  # a bug, not the user's mistake: the traceback is the report (KeyboardInterrupt passes)
         traceback.print_exc()
         print(bug_hint(args.cmd, debug), file=sys.stderr)
         return EXIT_BUG
+
+
+def _go_on(argv: list[str] | None, resumable: bool) -> str:
+    """The command that continues an interrupted sweep: this one, with --resume (credentials masked)."""
+    import shlex
+
+    from lmm_ray.ui import command
+
+    words = [mask_secrets(w) for w in (sys.argv[1:] if argv is None else argv)]
+    if not resumable:  # stopped before Tune saved anything: the same command starts it afresh
+        return "nothing to resume yet; start it again with: " + " ".join([command(), *map(shlex.quote, words)])
+    return "resume with: " + " ".join([command(), *map(shlex.quote, words), *([] if "--resume" in words else ["--resume"])])
 
 
 def bug_hint(cmd: str, debug: bool) -> str:

@@ -42,3 +42,15 @@ class SweepError(UserError):
 
 class ResultsNotFound(UserError, FileNotFoundError):
     """A folder that holds no sweep results (yet)."""
+
+
+class Interrupted(Exception):
+    """The user stopped a sweep (Ctrl-C). Not a mistake, so not a UserError: the CLI prints one line
+    with the command that resumes it and exits 130 (128 + SIGINT, what a shell reports for Ctrl-C).
+    `resumable`: whether Tune saved a state that --resume can start from."""
+
+    exit_code = 130
+
+    def __init__(self, message: str = "interrupted", resumable: bool = True):
+        super().__init__(message)
+        self.resumable = resumable

@@ -9,6 +9,7 @@ front and picks are pareto.py's; the objective vector is objective.VECTOR.
 
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
 
@@ -26,10 +27,75 @@ RESULTS_FILE, STAGES_FILE, PARETO_FILE = "results.csv", "stages.csv", "pareto.cs
 def trial_status(last: dict, stages_total: int) -> tuple[str, str]:
     """(status, reason) of a trial from its last reported result."""
     if last.get("failed"):
-        return "failed", str(last.get("failure_reason", ""))
+        return "failed", failure_reason(str(last.get("failure_reason", "")))
     if int(last.get("stage", 0)) < stages_total:
         return "stopped", "stopped early by the scheduler"
     return "finished", ""
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+# Lines of a traceback or of Ray's wrappers around the real error: never the reason.
+_NOISE = re.compile(r"^(Traceback \(most recent call last\)|File \"|During handling|The above exception|\^+$|~+$|"
+                    r"ray::|\[Rank [\d,]+ Error Snippet\]|Training failed due to|\.\.\.)")
+
+
+def failure_reason(error, limit: int = 300) -> str:
+    """The one line that says why a trial failed, for the console table, results.csv and MLflow.
+
+    `error` is an exception or its text. Ray wraps a trial's error several times (RayTaskError ->
+    Train's WorkerGroupError -> the worker's exception, its traceback as text, terminal colours):
+    unwrap to the innermost exception, drop colour codes and traceback lines, keep the last
+    meaningful line (a traceback's last, a message's first). A worker that died (SIGKILL, out of
+    memory) says so."""
+    prefix = ""
+    seen: set[int] = set()
+    while isinstance(error, BaseException) and id(error) not in seen:
+        seen.add(id(error))
+        failures = getattr(error, "worker_failures", None)  # ray.train.WorkerGroupError
+        if failures:
+            rank = min(failures)
+            error = failures[rank]
+            if len(failures) > 1:
+                prefix = f"{len(failures)} workers failed; rank {rank}: "
+            continue
+        for attr in ("cause", "controller_failure", "_base_exc"):  # RayTaskError, ControllerError, a user exception
+            inner = getattr(error, attr, None)
+            if isinstance(inner, BaseException):
+                error = inner
+                break
+        else:
+            if isinstance(getattr(error, "health_check_failure", None), BaseException):  # the worker process died
+                first = _pick(str(error.health_check_failure))
+                return _cut(prefix + "a training worker died (killed, out of memory or crashed)"
+                            + (f": {first}" if first else ""), limit)
+            break
+    text = _pick(str(error if error is not None else ""))
+    # The exception's own message; a built-in's class name too, since "'lr'" alone says nothing.
+    if isinstance(error, BaseException) and (type(error).__module__ == "builtins" or not text):
+        text = f"{type(error).__name__}: {text}".rstrip(": ")
+    return _cut(prefix + text, limit)
+
+
+def _pick(text: str) -> str:
+    """The last meaningful line of a traceback (where the error is), the first of a plain message."""
+    lines = _lines(text)
+    if not lines:
+        return ""
+    line = lines[-1] if "Traceback (most recent call last)" in text else lines[0]
+    return re.sub(r"^(?:\w+\.)+(\w+: )", r"\1", line)  # `ray.exceptions.X: ...` -> `X: ...`
+
+
+def _lines(text: str) -> list[str]:
+    out = []
+    for line in ANSI.sub("", text).splitlines():
+        line = line.strip()
+        if line and not _NOISE.match(line):
+            out.append(line)
+    return out
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def result_row(trial_id: str, status: str, reason: str, config: dict, metrics: dict) -> dict:
@@ -53,7 +119,7 @@ def collect(results, cfg, base_metrics: dict, optuna_numbers: dict | None = None
         tid = last.get("trial_id") or (r.path.rstrip("/").split("_")[-2] if r.path else "?")
         status, reason = trial_status(last, len(cfg.stages))
         if r.error is not None:
-            status, reason = "failed", f"{type(r.error).__name__}: {str(r.error).splitlines()[0][:300]}"
+            status, reason = "failed", failure_reason(r.error)
         rows.append(result_row(tid, status, reason, r.config or {}, last))
         if optuna_numbers is not None:
             rows[-1]["optuna_trial"] = optuna_numbers.get(tid)
@@ -213,6 +279,10 @@ def write_tables(cfg, res: pd.DataFrame, st: pd.DataFrame, store: Store | None =
     # finished trials first: the objective of a stopped trial is an early stage's, not comparable
     shown = res.assign(_unfinished=res["status"] != "finished").sort_values(["_unfinished", "objective"], ascending=[True, False])
     lines.append(pareto.format_table(shown.drop(columns="_unfinished"), front_ids=set(front["trial_id"])))
+    failed = res[res["status"] == "failed"]
+    if len(failed):  # the table's status column says "failed"; here is why, one line each
+        lines.append("\nfailed trials:")
+        lines += [f"  {r.trial_id} ({r.recipe}, lr {pareto.fmt_lr(float(r.lr))}): {r.reason}" for r in failed.itertuples()]
     lines.append("\n== Pareto-optimal trials (learning up, held-out change up, counting bias down):")
     lines.append(pareto.format_table(front) if len(front) else "(no finished trial)")
     lines.append(hypervolume_note(res, reference(cfg.objective)))

@@ -9,6 +9,7 @@ tables are written next to the Tune state and the Pareto front is printed and lo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -234,8 +235,19 @@ class StageAwareOptunaSearch(OptunaSearch):
         return config
 
     def restore(self, checkpoint_path: str):
+        from lmm_ray import resume
+
         super().restore(checkpoint_path)
         tracking.LINKS.optuna.update({tid: t.number for tid, t in self._ot_trials.items()})
+        # Trials Optuna has finished, some perhaps after Tune's last save: Tune may run those again,
+        # Optuna hears nothing more of any of them (and no warning repeats their whole result).
+        self._settled = resume.settled_in_optuna(self._ot_study, self._ot_trials)
+        self._completed_trials |= self._settled
+
+    def on_trial_result(self, trial_id: str, result: dict):
+        if trial_id in getattr(self, "_settled", ()):
+            return  # (the stock class would log a warning with the whole result)
+        super().on_trial_result(trial_id, result)
 
     def _link(self, trial_id: str, result: dict | None) -> None:
         """The trial's MLflow run id and objectives as user attributes, while it can still take them."""
@@ -255,6 +267,8 @@ class StageAwareOptunaSearch(OptunaSearch):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
         from optuna.trial import TrialState
 
+        if trial_id in getattr(self, "_settled", ()):
+            return
         self._link(trial_id, result)
         if result and not error and trial_id in self._ot_trials and trial_id not in self._completed_trials:
             failed = bool(result.get("failed"))
@@ -381,6 +395,7 @@ def run(cfg: SweepConfig, *, resume: bool = False, address: str | None = None) -
     import ray.tune
 
     from lmm_ray import private, validate
+    from lmm_ray import resume as resuming
     from lmm_ray.train import unpack_base
 
     print(validate.check(cfg, address=address), flush=True)  # everything that can fail before Ray starts
@@ -394,8 +409,9 @@ def run(cfg: SweepConfig, *, resume: bool = False, address: str | None = None) -
                          f"or give a new name (name=... on the command line) — a fresh sweep never reuses a name")
     lock = _lock(cfg)  # held until this process ends (a killed driver releases it)
     t0 = time.time()
-    init_ray(cfg, address)
+    parent = None
     try:
+        init_ray(cfg, address)
         # On a cluster: refuse, before anything is written or booked, a trial that cannot fit or a
         # storage path that some node cannot see.
         cluster.check_cluster_resources(cfg)
@@ -430,7 +446,8 @@ def run(cfg: SweepConfig, *, resume: bool = False, address: str | None = None) -
                 trainable,
                 param_space=cfg.search_space.to_tune(),
                 tune_config=ray.tune.TuneConfig(**tc),
-                run_config=ray.tune.RunConfig(name=TUNE_DIR, storage_path=cfg.sweep_dir, callbacks=[logger],
+                run_config=ray.tune.RunConfig(name=TUNE_DIR, storage_path=cfg.sweep_dir,
+                                              callbacks=[logger, resuming.StorageWatch(cfg.sweep_dir)],
                                               failure_config=ray.tune.FailureConfig(max_failures=cfg.resources.max_failures),
                                               progress_reporter=make_reporter(cfg), verbose=1),
             )
@@ -439,7 +456,8 @@ def run(cfg: SweepConfig, *, resume: bool = False, address: str | None = None) -
         prev_output = os.environ.get("RAY_AIR_NEW_OUTPUT")
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
         try:
-            results_grid = tuner.fit()
+            with resuming.SigintWatch() as watch, _tune_lines_filtered():
+                results_grid = tuner.fit()
         finally:
             if prev_output is None:
                 os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
@@ -447,7 +465,17 @@ def run(cfg: SweepConfig, *, resume: bool = False, address: str | None = None) -
                 os.environ["RAY_AIR_NEW_OUTPUT"] = prev_output
         if trial_data:  # ~370 MB for the quickstart; a trial resumed later builds its own data
             Path(trial_data).unlink(missing_ok=True)
+        if watch.interrupted:
+            raise KeyboardInterrupt
         res, st = results.collect(results_grid, cfg, base_metrics, tracking.LINKS.optuna)
+        # What a killed driver left out of step with Tune's state (resume.py): closed, not left RUNNING.
+        try:
+            tracking.settle_runs(cfg.mlflow_uri, cfg.experiment, cfg.name, res)
+            resuming.settle_optuna(cfg, res["trial_id"].astype(str))
+        except Exception as e:  # noqa: BLE001 - bookkeeping: the results below matter more
+            if resuming.storage_problem(cfg.sweep_dir):
+                raise
+            print(f"[lmm_ray] could not reconcile MLflow/Optuna with Tune's state: {e}", file=sys.stderr)
         text, files, front = results.write_tables(cfg, res, st, store)
         tracking.log_result(cfg, parent, res, front, files)
         print(text)
@@ -456,10 +484,59 @@ def run(cfg: SweepConfig, *, resume: bool = False, address: str | None = None) -
         print(f"\nwall time {time.time() - t0:.0f} s", file=sys.stderr)
         tracking.finish_parent(cfg.mlflow_uri, parent)
         return res, st
+    except KeyboardInterrupt:  # Ctrl-C (caught by Tune during fit, raised again above), or before fit
+        raise resuming.interrupted(cfg, parent, store.exists(f"{TUNE_DIR}/tuner.pkl")) from None
+    except Exception:
+        why = resuming.storage_problem(cfg.sweep_dir)
+        if why:  # the storage turned read-only (or full) mid-sweep: Optuna's or MLflow's write failed first
+            raise resuming.storage_lost(cfg.sweep_dir, why) from None
+        raise
     finally:
         ray.shutdown()
         if lock is not None:
             lock.close()  # releases the lock
+
+
+class _DropLines:
+    """A logging filter that drops records starting with any of `prefixes`."""
+
+    def __init__(self, *prefixes: str):
+        self.prefixes = prefixes
+
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+class _TrialFailedLine:
+    """Tune's "Trial task failed for trial X" with the whole traceback (~40 lines of Ray's wrappers)
+    becomes one line with the reason (results.failure_reason); the whole error stays in the trial's
+    MLflow run (error.txt) and its Tune folder."""
+
+    def filter(self, record) -> bool:
+        if str(record.msg).startswith("Trial task failed for trial") and record.exc_info:
+            error = record.exc_info if isinstance(record.exc_info, BaseException) else record.exc_info[1]
+            record.msg = f"{record.getMessage()}: {results.failure_reason(error)}"
+            record.args, record.exc_info, record.exc_text = (), None, None
+        return True
+
+
+@contextlib.contextmanager
+def _tune_lines_filtered():
+    """Three of Tune's lines do not fit a CLI: after Ctrl-C, "Resume experiment with:
+    Tuner.restore(...)" (Python, where `lmm-ray sweep --resume` is the way: the CLI prints it),
+    "Trials did not complete: [...]" at ERROR level for failed trials (the summary says which and
+    why), and a failed trial's traceback (_TrialFailedLine)."""
+    import logging
+
+    log, controller = logging.getLogger("ray.tune.tune"), logging.getLogger("ray.tune.execution.tune_controller")
+    f, one_line = _DropLines("Experiment has been interrupted", "Trials did not complete"), _TrialFailedLine()
+    log.addFilter(f)
+    controller.addFilter(one_line)
+    try:
+        yield
+    finally:
+        log.removeFilter(f)
+        controller.removeFilter(one_line)
 
 
 def _lock(cfg: SweepConfig):

@@ -271,9 +271,11 @@ class TrialLogger(Callback):
         exp = experiment_id(self.uri, self.experiment)
         q = f"tags.`lmm_ray.sweep` = '{self.sweep}' and tags.`lmm_ray.trial_id` = '{trial.trial_id}'"
         found = c.search_runs([exp], q, max_results=1)
-        if found:
+        if found:  # a resumed sweep (or a retried trial): the same run, running again
             run_id = found[0].info.run_id
             c.update_run(run_id, status="RUNNING")
+            if found[0].data.tags.get("lmm_ray.status") != "running":
+                c.set_tag(run_id, "lmm_ray.status", "running")
         else:
             number = LINKS.optuna.get(trial.trial_id)
             config = dict(trial.config or {})
@@ -342,12 +344,14 @@ class TrialLogger(Callback):
         self._log_step(run_id, step, metrics, int(result.get("timestamp", 0) * 1000), params,
                        {"lmm_ray.stages_completed": step})
 
-    def _end(self, trial, status: str, reason: str, mlflow_status: str):
+    def _end(self, trial, status: str, reason: str, mlflow_status: str, error_text: str = ""):
         from mlflow.entities import RunTag
 
         c = client(self.uri)
         run_id = self._run(trial)
         c.log_batch(run_id, tags=[RunTag("lmm_ray.status", status)] + ([RunTag("lmm_ray.reason", reason[:5000])] if reason else []))
+        if error_text:  # the whole error in the run itself, not only in a Ray session folder under /tmp
+            c.log_text(run_id, error_text, "error.txt")
         hist = self.stage_table(trial)
         if hist is not None and len(hist):
             buf = io.StringIO()
@@ -371,8 +375,68 @@ class TrialLogger(Callback):
         self._end(trial, status, reason, "FAILED" if status == "failed" else "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        err = getattr(trial, "error_file", None) or ""
-        self._end(trial, "failed", f"trial raised an error (see {err})" if err else "trial raised an error", "FAILED")
+        error = trial_error(trial)
+        reason = results.failure_reason(error) if error is not None else ""
+        text = results.ANSI.sub("", str(error)) if error is not None else ""
+        self._end(trial, "failed", reason or "the trial raised an error (error.txt in its Tune folder)", "FAILED", text)
+
+
+def trial_error(trial):
+    """A Tune trial's last error: the exception itself where Tune could pickle it, else its text.
+    When on_trial_error runs, Tune has written them to the driver's staging folder only (the
+    sweep's storage gets them at the next sync), so that copy is read first."""
+    from ray import cloudpickle
+
+    for path, read in ((getattr(trial, "pickled_error_file", None), lambda f: cloudpickle.loads(Path(f).read_bytes())),
+                       (getattr(trial, "error_file", None), lambda f: Path(f).read_text()),
+                       (True, lambda _: trial.get_pickled_error() or trial.get_error())):
+        try:
+            error = read(path) if path else None
+        except Exception:  # noqa: BLE001 - unreadable: the reason says the trial failed, no more
+            error = None
+        if error:
+            return error
+    return None
+
+
+def close_interrupted(uri: str, experiment: str, sweep: str, parent_id: str) -> int:
+    """Ctrl-C: the sweep's run and its trials that were running end KILLED (not FINISHED), tagged
+    `interrupted`; `--resume` sets them running again. Returns how many trial runs were closed."""
+    c = client(uri)
+    n = 0
+    for run in child_runs(uri, experiment, sweep):
+        if run.info.status == "RUNNING":
+            c.set_tag(run.info.run_id, "lmm_ray.status", "interrupted")
+            c.set_terminated(run.info.run_id, "KILLED")
+            n += 1
+    c.set_terminated(parent_id, "KILLED")
+    return n
+
+
+def settle_runs(uri: str, experiment: str, sweep: str, res: pd.DataFrame) -> None:
+    """Every trial run ends as its trial did, whatever the driver lived through. A driver killed
+    between Tune saving a trial's end and this callback logging it leaves a run RUNNING that no
+    resumed trial re-attaches to; a run created after Tune's last save belongs to a trial no resume
+    knows (`lost`, KILLED)."""
+    from mlflow.entities import RunTag
+
+    c = client(uri)
+    rows = {str(r.trial_id): r for r in res.itertuples()}
+    for run in child_runs(uri, experiment, sweep):
+        row = rows.get(run.data.tags.get("lmm_ray.trial_id", ""))
+        if row is None:
+            if run.info.status == "RUNNING":
+                c.log_batch(run.info.run_id, tags=[RunTag("lmm_ray.status", "lost"), RunTag(
+                    "lmm_ray.reason", "its driver was killed before Tune saved the trial, so no resume runs it")])
+                c.set_terminated(run.info.run_id, "KILLED")
+            continue
+        want = {"lmm_ray.status": row.status, **({"lmm_ray.reason": str(row.reason)[:5000]} if row.status == "failed" else {})}
+        tags = [RunTag(k, v) for k, v in want.items() if run.data.tags.get(k) != v]
+        if tags:
+            c.log_batch(run.info.run_id, tags=tags)
+        status = "FAILED" if row.status == "failed" else "FINISHED"
+        if run.info.status != status:
+            c.set_terminated(run.info.run_id, status)
 
 
 # ---------------------------------------------------------------------------------------------
