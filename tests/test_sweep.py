@@ -6,6 +6,12 @@ trial dominate; each stage trains 5 steps and evaluates 8 samples per skill).
   - a multi-objective NSGA-II sweep (2 trials): tracking layout, result files, the Optuna study;
   - a sweep killed with SIGKILL after its first trial, then `--resume`d;
   - a single-objective sweep with ASHA on the stage counter (3 trials).
+The multi-objective and the ASHA sweeps start together, at the module's first test, on the
+session's shared Ray cluster (conftest `ray_cluster`, `--address`): each runs one 1-CPU trial at a
+time, so the two fill the cluster's 2 CPUs side by side, and neither pays a Ray start-up. Each is
+checked by many tests on its outputs (module fixtures run it once). The kill-and-resume sweep keeps
+a local Ray of its own: the test kills the driver's whole process group, Ray included, and it is
+the one sweep here that covers how `sweep.init_ray` starts a local Ray.
 """
 
 from __future__ import annotations
@@ -41,15 +47,17 @@ def _env() -> dict:
     return env
 
 
-def _argv(storage: Path, name: str, *overrides: str, resume: bool = False) -> list[str]:
+def _argv(storage: Path, name: str, *overrides: str, resume: bool = False, address: str | None = None) -> list[str]:
     return [sys.executable, "-m", "lmm_ray.cli", "sweep", str(SMOKE), f"storage={storage}", f"name={name}",
-            *SMALL, *overrides, *(["--resume"] if resume else [])]
+            *SMALL, *overrides, *(["--resume"] if resume else []), *(["--address", address] if address else [])]
 
 
-def _start(storage: Path, name: str, *overrides: str, resume: bool = False, log: str = "sweep") -> subprocess.Popen:
+def _start(storage: Path, name: str, *overrides: str, resume: bool = False, log: str = "sweep",
+           address: str | None = None) -> subprocess.Popen:
     out = open(storage / f"{name}.{log}.log", "w")
-    # Own process group: the test can kill the sweep with everything it started (Ray included).
-    return subprocess.Popen(_argv(storage, name, *overrides, resume=resume), cwd=ROOT, env=_env(),
+    # Own process group: the test can kill the sweep with everything it started (Ray included, when
+    # it started its own; a sweep on the shared cluster (address) only has its driver in the group).
+    return subprocess.Popen(_argv(storage, name, *overrides, resume=resume, address=address), cwd=ROOT, env=_env(),
                             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -74,7 +82,11 @@ def _log(storage: Path, name: str, log: str = "sweep") -> str:
 
 
 def run_sweep(storage: Path, name: str, *overrides: str, resume: bool = False, timeout: float = 480, log: str = "sweep"):
-    p = _start(storage, name, *overrides, resume=resume, log=log)
+    return wait_sweep(_start(storage, name, *overrides, resume=resume, log=log), storage, name, timeout=timeout, log=log)
+
+
+def wait_sweep(p: subprocess.Popen, storage: Path, name: str, *, timeout: float = 480, log: str = "sweep") -> str:
+    """Wait for a started sweep; its console log, or an AssertionError (exit code, time-out) with its tail."""
     try:
         rc = p.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -141,11 +153,35 @@ def storage(tmp_path_factory, ci_base):
 # 1 + 3: a multi-objective sweep (NSGA-II, 2 trials): tracking layout, files, the Optuna study
 
 
+MULTI = ("objective.mode=multi", "search.algorithm=nsga2", "search.population_size=2", "search.num_trials=2")
+ASHA = ("search.num_trials=3", "scheduler.type=asha", "scheduler.grace_period=1")
+
+
 @pytest.fixture(scope="module")
-def multi(storage):
+def shared_sweeps(storage, ray_cluster):
+    """The multi-objective and the ASHA sweeps, started together on the shared cluster (started
+    here, waited for by `multi` and `asha`). Their time-outs count from here: 2 sweeps share 2 CPUs."""
+    procs = {"multi": _start(storage, "multi", *MULTI, address=ray_cluster.address),
+             "asha": _start(storage, "asha", *ASHA, address=ray_cluster.address)}
+    try:
+        yield procs
+    finally:
+        for p in procs.values():  # a failed test must not leave a sweep running on the shared cluster
+            if p.poll() is None:
+                _kill_group(p)
+
+
+@pytest.fixture(scope="module")
+def multi(storage, shared_sweeps):
     name = "multi"
-    text = run_sweep(storage, name, "objective.mode=multi", "search.algorithm=nsga2", "search.population_size=2",
-                     "search.num_trials=2")
+    text = wait_sweep(shared_sweeps[name], storage, name, timeout=600)
+    return SimpleNamespace(name=name, dir=storage / name, log=text)
+
+
+@pytest.fixture(scope="module")
+def asha(storage, shared_sweeps):
+    name = "asha"
+    text = wait_sweep(shared_sweeps[name], storage, name, timeout=600)
     return SimpleNamespace(name=name, dir=storage / name, log=text)
 
 
@@ -410,10 +446,8 @@ def test_resume_after_kill(storage, capsys, monkeypatch):
 # 4: single objective + ASHA on the stage counter
 
 
-def test_asha_single_objective(storage):
-    name = "asha"
-    d = storage / name
-    run_sweep(storage, name, "search.num_trials=3", "scheduler.type=asha", "scheduler.grace_period=1")
+def test_asha_single_objective(asha):
+    name, d = asha.name, asha.dir
     res = results(d)
     assert len(res) == 3
     assert set(res["status"]) <= {"finished", "stopped"}, res[["trial_id", "status", "reason"]]
