@@ -9,8 +9,9 @@ STAMP := $(VENV)/.lmm_ray-installed
 sweep: $(STAMP)  ## the main job: a sweep on the embedded default, ending in a Pareto table and an MLflow experiment
 	$(VENV)/bin/lmm-ray sweep sweeps/quickstart.yaml $(if $(and $(wildcard runs/quickstart/tune/tuner.pkl),$(if $(ARGS),,1)),--resume) $(ARGS)
 
+# 3 processes, whole modules each (their sweeps and trainers run once); see tests/conftest.py.
 test: $(STAMP)  ## the whole test suite (what CI runs)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder
 
 install: $(STAMP)
 

@@ -202,19 +202,130 @@ def small_spec(ci_base):
     return make
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_train_autoscaling_coordinator(address: str) -> None:
+    """Start the cluster's (detached) AutoscalingCoordinator actor now. Each Ray Train run asks it
+    for resources with a 5 s time-out (ray/train/v2/.../autoscaling_coordinator_client.py); the
+    first run on a cluster also waits for the actor's process to start, and on a loaded machine
+    that took longer, so Ray logged a "Failed to send resource request" traceback into the
+    sweep's console (which test_sweep checks is free of tracebacks)."""
+    import ray
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+        get_or_create_autoscaling_coordinator,
+    )
+
+    ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+    try:
+        ray.get(get_or_create_autoscaling_coordinator().__ray_ready__.remote(), timeout=300)
+    finally:
+        ray.shutdown()
+
+
 @pytest.fixture(scope="session")
-def ray_local():
-    """A small local Ray for the whole session (2 CPUs, dashboard on: Train V2's cleanup of stopped
-    trials needs the State API, ray_stack.md Q7-1). Reuses an already running Ray; shut down at the end."""
+def ray_cluster():
+    """The session's one local Ray cluster, started on first use and shared by every test that does
+    not need a Ray of its own. `.address` (GCS host:port) is what a test passes on: `ray.init(address=)`
+    in this process (the `ray_local` fixture), `sweep.run(cfg, address=)`, or `--address` on an
+    `lmm-ray sweep|train` subprocess. Starting a Ray costs 5-15 s here (more under load), and before
+    this fixture every sweep and trainer in the suite started one.
+
+    Fixed and private, so that it behaves the same on any machine and never mixes with another Ray:
+    - 2 CPUs whatever the machine has: trials, worker counts and `resources_per_worker` in the tests
+      are sized for 2 (a 1-CPU trial worker per sweep lets two sweeps share it side by side);
+    - its own temp dir (RAY_TMPDIR, as in test_cluster's two_nodes): the `ray_current_cluster`
+      address file is private, so a plain `ray.init()` elsewhere (another test run, a local sweep)
+      never connects to it;
+    - dashboard on a free port, and RAY_API_SERVER_ADDRESS pointing at it in the environment the
+      raylet (and so every worker) inherits: Train V2 frees a stopped trial's workers through the
+      State API, which otherwise scans the machine and fails when it finds several Rays;
+    - the settings of `sweep.worker_env()` (quiet Ray Train, HF offline, passive OpenMP) in that
+      environment too, for drivers that connect without a runtime_env.
+
+    Who keeps a Ray of its own: tests that kill Ray's own processes or a driver with its cluster
+    (test_sweep's kill-and-resume, fault tests that kill a raylet/GCS), tests of resource refusals
+    or of multi-node placement (test_cluster's two-node cluster), and tests of how `init_ray` starts
+    a local Ray. Killing a Train *worker* (test_train_ray, test_fsdp_trials) is fine here: Ray
+    restarts it inside this cluster. A test that connects in-process must disconnect when it is done
+    (`ray_local` does, per module), or a later in-process `sweep.run(address=...)` would silently
+    reuse the connection (init_ray returns early when Ray is initialized)."""
+    import shutil
+    import tempfile
+    from types import SimpleNamespace
+
+    from ray.cluster_utils import Cluster
+
+    from lmm_ray.sweep import worker_env
+
+    tmp = tempfile.mkdtemp(prefix="lrs")  # short: Ray's socket paths must stay < 108 characters
+    port = _free_port()
+    dashboard = f"http://127.0.0.1:{port}"
+    with pytest.MonkeyPatch.context() as mp:  # the environment of the processes started below only
+        mp.setenv("RAY_TMPDIR", tmp)
+        mp.delenv("RAY_ADDRESS", raising=False)
+        for k, v in {**worker_env(), "RAY_API_SERVER_ADDRESS": dashboard}.items():
+            mp.setenv(k, v)
+        # Up to 3 tries: Ray gives a new node 30 s (fixed in ray/_private/node.py) to register, and
+        # on this shared machine at load average ~100 it did not make it once; every test of an
+        # xdist worker that uses this fixture then errors. A failed try's processes end with this
+        # process (Ray's own exit hook).
+        for attempt in range(3):
+            try:
+                cluster = Cluster(initialize_head=True, head_node_args={
+                    "num_cpus": 2, "object_store_memory": 256 * 2**20,
+                    "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
+                    "dashboard_agent_listen_port": None,  # a free one: other Rays on this machine hold the default
+                })
+                break
+            except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this time-out
+                if attempt == 2 or "timed out during startup" not in str(e):
+                    raise
+                port = _free_port()
+                dashboard = f"http://127.0.0.1:{port}"
+                mp.setenv("RAY_API_SERVER_ADDRESS", dashboard)
+    _start_train_autoscaling_coordinator(cluster.address)
+    try:
+        yield SimpleNamespace(address=cluster.address, dashboard=dashboard, cluster=cluster)
+    finally:
+        cluster.shutdown()  # only this cluster's processes (never `ray stop`: it ends every Ray of the user)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_local(ray_cluster):
+    """This process connected to the session's `ray_cluster` for one test module (trainers built
+    in-process: TorchTrainer(...).fit()); disconnected at the module's end, the cluster stays up."""
     import ray
 
     from lmm_ray.sweep import worker_env
 
-    started = False
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=True, log_to_driver=True,
-                 runtime_env={"env_vars": worker_env()}, logging_level="WARNING")
-        started = True
-    yield ray
-    if started and ray.is_initialized():
+    assert not ray.is_initialized(), "a test left this process connected to a Ray: disconnect (ray.shutdown()) when done"
+    ray.init(address=ray_cluster.address, runtime_env={"env_vars": worker_env()}, log_to_driver=True,
+             logging_level="WARNING")
+    try:
+        yield ray
+    finally:
         ray.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# Order: the long Ray modules first. Under `make test` (pytest-xdist, `-n 3 --dist loadfile
+# --no-loadscope-reorder`: each
+# module runs whole on one worker, so its module fixtures - sweeps, trainers - run once) the
+# suite's wall time is that of its longest chain; started first, these run side by side while
+# the many short tests fill the gaps. Without xdist the order changes nothing but the order.
+# xdist hands each worker two modules at the start, in this order (worker 1 gets the 1st and 4th,
+# ...): test_pareto (seconds) is 4th so that the longest, test_sweep, is not followed by another long one.
+LONG_MODULES = ("test_sweep.py", "test_cluster.py", "test_fsdp_trials.py", "test_pareto.py", "test_lmms_backend.py",
+                "test_train_ray.py", "test_final.py", "test_base_reproducible.py", "test_parallel.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONG_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_MODULES)))  # stable: the rest keep their order

@@ -38,7 +38,7 @@ def test_exported_recipe_round_trips_into_a_sweep(tmp_path):
     assert cli.main(["validate", SMOKE, *_overrides(tmp_path), f"search_space={path}"]) == 2  # 2 identical trials
 
 
-def test_train_writes_a_model_that_transformers_loads_and_that_scores_as_reported(tmp_path, ci_base, capsys):
+def test_train_writes_a_model_that_transformers_loads_and_that_scores_as_reported(tmp_path, ci_base, ray_cluster, capsys):
     from transformers import AutoModelForImageTextToText
 
     from lmm_ray import evaluate, models, train
@@ -46,8 +46,13 @@ def test_train_writes_a_model_that_transformers_loads_and_that_scores_as_reporte
 
     recipe = _export(tmp_path, "sa_proj", 2e-3)
     out = tmp_path / "trained"
-    assert cli.main(["train", SMOKE, "--choice", recipe, "--output", str(out), *_overrides(tmp_path)]) == 0
+    # On the session's shared cluster (--address): no Ray start-up of its own.
+    assert cli.main(["train", SMOKE, "--choice", recipe, "--output", str(out), *_overrides(tmp_path),
+                     "--address", ray_cluster.address]) == 0
     assert "saved the trained model" in capsys.readouterr().out
+    import ray
+
+    assert not ray.is_initialized(), "train disconnects from a cluster it connected to"
 
     model = AutoModelForImageTextToText.from_pretrained(out)
     base = AutoModelForImageTextToText.from_pretrained(ci_base)

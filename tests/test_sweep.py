@@ -6,6 +6,19 @@ trial dominate; each stage trains 5 steps and evaluates 8 samples per skill).
   - a multi-objective NSGA-II sweep (2 trials): tracking layout, result files, the Optuna study;
   - a sweep killed with SIGKILL after its first trial, then `--resume`d;
   - a single-objective sweep with ASHA on the stage counter (3 trials).
+The three sweeps start together, at the module's first test (`shared_sweeps`): a sweep mostly
+waits (process and Ray start-ups, Tune), so three at once fill the 2 cores. Each is checked by
+many tests on its outputs (module fixtures run it once).
+  - multi-objective: on the session's shared Ray cluster (conftest `ray_cluster`, `--address`),
+    no Ray start-up of its own;
+  - ASHA: on a local Ray of its own. Two sweeps at once on ONE Ray cluster are not safe in Ray
+    2.60: Tune stages a run's driver files in <session>/artifacts/<start second>/<experiment name>
+    and Train in <session>/artifacts/<run name>, and every sweep names its Tune experiment `tune`
+    and its base evaluation `base_eval`; two sweeps whose Tuners started in the same second wrote
+    each other's trials into their folders (seen here: the ASHA sweep hung on the other's trial);
+  - kill-and-resume: on a local Ray of its own (the test kills the driver's whole process group,
+    Ray included); its first half (run until the first trial is complete, then SIGKILL) runs in a
+    thread. With the ASHA sweep it covers how `sweep.init_ray` starts a local Ray.
 """
 
 from __future__ import annotations
@@ -41,15 +54,17 @@ def _env() -> dict:
     return env
 
 
-def _argv(storage: Path, name: str, *overrides: str, resume: bool = False) -> list[str]:
+def _argv(storage: Path, name: str, *overrides: str, resume: bool = False, address: str | None = None) -> list[str]:
     return [sys.executable, "-m", "lmm_ray.cli", "sweep", str(SMOKE), f"storage={storage}", f"name={name}",
-            *SMALL, *overrides, *(["--resume"] if resume else [])]
+            *SMALL, *overrides, *(["--resume"] if resume else []), *(["--address", address] if address else [])]
 
 
-def _start(storage: Path, name: str, *overrides: str, resume: bool = False, log: str = "sweep") -> subprocess.Popen:
+def _start(storage: Path, name: str, *overrides: str, resume: bool = False, log: str = "sweep",
+           address: str | None = None) -> subprocess.Popen:
     out = open(storage / f"{name}.{log}.log", "w")
-    # Own process group: the test can kill the sweep with everything it started (Ray included).
-    return subprocess.Popen(_argv(storage, name, *overrides, resume=resume), cwd=ROOT, env=_env(),
+    # Own process group: the test can kill the sweep with everything it started (Ray included, when
+    # it started its own; a sweep on the shared cluster (address) only has its driver in the group).
+    return subprocess.Popen(_argv(storage, name, *overrides, resume=resume, address=address), cwd=ROOT, env=_env(),
                             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -74,7 +89,11 @@ def _log(storage: Path, name: str, log: str = "sweep") -> str:
 
 
 def run_sweep(storage: Path, name: str, *overrides: str, resume: bool = False, timeout: float = 480, log: str = "sweep"):
-    p = _start(storage, name, *overrides, resume=resume, log=log)
+    return wait_sweep(_start(storage, name, *overrides, resume=resume, log=log), storage, name, timeout=timeout, log=log)
+
+
+def wait_sweep(p: subprocess.Popen, storage: Path, name: str, *, timeout: float = 480, log: str = "sweep") -> str:
+    """Wait for a started sweep; its console log, or an AssertionError (exit code, time-out) with its tail."""
     try:
         rc = p.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -141,11 +160,42 @@ def storage(tmp_path_factory, ci_base):
 # 1 + 3: a multi-objective sweep (NSGA-II, 2 trials): tracking layout, files, the Optuna study
 
 
+MULTI = ("objective.mode=multi", "search.algorithm=nsga2", "search.population_size=2", "search.num_trials=2")
+ASHA = ("search.num_trials=3", "scheduler.type=asha", "scheduler.grace_period=1")
+
+
 @pytest.fixture(scope="module")
-def multi(storage):
+def shared_sweeps(storage, ray_cluster):
+    """Every sweep of this module, started together at its first test: the multi-objective sweep
+    (on the shared cluster) and the ASHA sweep (waited for by `multi` and `asha`), and the first half
+    of the kill-and-resume test, in a thread (a Future: `test_resume_after_kill`). Their time-outs
+    count from here (`t0`): three sweeps share the 2 cores."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    # Only one of them on the shared cluster: see the module's docstring (Ray's staging folders).
+    procs = {"multi": _start(storage, "multi", *MULTI, address=ray_cluster.address),
+             "asha": _start(storage, "asha", *ASHA)}
+    pool = ThreadPoolExecutor(1)
+    try:
+        yield {**procs, "resume": pool.submit(run_until_first_trial_then_kill, storage, "resume"), "t0": time.time()}
+    finally:
+        pool.shutdown(wait=True)  # the thread always ends: it kills its sweep or hits its deadline
+        for p in procs.values():  # a failed test must not leave a sweep running
+            if p.poll() is None:
+                _kill_group(p)
+
+
+@pytest.fixture(scope="module")
+def multi(storage, shared_sweeps):
     name = "multi"
-    text = run_sweep(storage, name, "objective.mode=multi", "search.algorithm=nsga2", "search.population_size=2",
-                     "search.num_trials=2")
+    text = wait_sweep(shared_sweeps[name], storage, name, timeout=max(1.0, shared_sweeps["t0"] + 720 - time.time()))
+    return SimpleNamespace(name=name, dir=storage / name, log=text)
+
+
+@pytest.fixture(scope="module")
+def asha(storage, shared_sweeps):
+    name = "asha"
+    text = wait_sweep(shared_sweeps[name], storage, name, timeout=max(1.0, shared_sweeps["t0"] + 720 - time.time()))
     return SimpleNamespace(name=name, dir=storage / name, log=text)
 
 
@@ -351,14 +401,16 @@ def test_asha_with_multi_objective_exits_2(capsys, tmp_path):
 # 2: kill -9 after the first trial, then --resume
 
 
-def test_resume_after_kill(storage, capsys, monkeypatch):
-    import ray
-
-    name = "resume"
+def run_until_first_trial_then_kill(storage: Path, name: str) -> SimpleNamespace:
+    """Start a 2-trial sweep on a local Ray of its own, SIGKILL its process group (Ray included) as
+    soon as the first trial is complete in the state a restore starts from, and return what that
+    trial left behind. Runs in a thread started with the module's shared sweeps (`shared_sweeps`):
+    the kill must come right after the first trial, whatever test is running then."""
     d = storage / name
     p = _start(storage, name, "search.num_trials=2")
     try:
-        first, deadline = None, time.time() + 420
+        # 600 s: this sweep shares the 2 cores with the two sweeps on the shared cluster
+        first, deadline = None, time.time() + 600
         while first is None:  # the first trial is complete in the state a restore starts from
             assert p.poll() is None, f"sweep exited early ({p.returncode}):\n{_log(storage, name)[-6000:]}"
             assert time.time() < deadline, f"no trial finished in time:\n{_log(storage, name)[-6000:]}"
@@ -375,6 +427,17 @@ def test_resume_after_kill(storage, capsys, monkeypatch):
         assert len(result_lines) == S
     finally:
         _kill_group(p)
+    return SimpleNamespace(first=first, train_dir=train_dir, before=before, snapshot=snapshot, result_lines=result_lines)
+
+
+def test_resume_after_kill(storage, shared_sweeps, capsys, monkeypatch):
+    import ray
+
+    name = "resume"
+    d = storage / name
+    killed = shared_sweeps[name].result(timeout=900)  # re-raises what failed in the thread
+    first, train_dir, before, snapshot, result_lines = (killed.first, killed.train_dir, killed.before, killed.snapshot,
+                                                        killed.result_lines)
     assert not (d / "results.csv").exists()  # it really was interrupted
 
     run_sweep(storage, name, "search.num_trials=2", resume=True, log="resume")
@@ -410,10 +473,8 @@ def test_resume_after_kill(storage, capsys, monkeypatch):
 # 4: single objective + ASHA on the stage counter
 
 
-def test_asha_single_objective(storage):
-    name = "asha"
-    d = storage / name
-    run_sweep(storage, name, "search.num_trials=3", "scheduler.type=asha", "scheduler.grace_period=1")
+def test_asha_single_objective(asha):
+    name, d = asha.name, asha.dir
     res = results(d)
     assert len(res) == 3
     assert set(res["status"]) <= {"finished", "stopped"}, res[["trial_id", "status", "reason"]]
