@@ -23,7 +23,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from lmm_ray import cluster, objective, results, tracking, ui
 from lmm_ray.config import SweepConfig
-from lmm_ray.errors import SweepError
+from lmm_ray.errors import ClusterError, SweepError
 from lmm_ray.results import Store
 from lmm_ray.schema import is_uri
 from lmm_ray.train import BASE_FILE, TRIAL_DATA  # in the sweep's folder too: the base evaluation every trial shares
@@ -88,17 +88,39 @@ def init_ray(cfg: SweepConfig, address: str | None = None) -> None:
     import logging
 
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    ray.init(
-        num_cpus=os.cpu_count(),
-        runtime_env={"env_vars": env},
-        object_store_memory=cluster.LOCAL_OBJECT_STORE_BYTES,  # not the default 30% of RAM (cluster.py)
-        include_dashboard=True,  # Train V2 cleans up stopped trials' workers through the State API
-        dashboard_host="127.0.0.1",
-        dashboard_port=port,
-        log_to_driver=True,
-        configure_logging=True,
-        logging_level="WARNING",
-    )
+    # Ray gives its dashboard 60 s to load its 9 modules; on a busy 2-core machine that took longer
+    # (measured: a CI run whose other tests were starting Ray too), and ray.init failed. Ray reads the
+    # constant when it waits, so a user's RAY_DASHBOARD_STARTUP_TIMEOUT_S still wins.
+    from ray._private import ray_constants
+
+    if "RAY_DASHBOARD_STARTUP_TIMEOUT_S" not in os.environ and hasattr(ray_constants, "RAY_DASHBOARD_STARTUP_TIMEOUT_S"):
+        ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S = max(ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S, 240)
+    # Ray's start-up waits are fixed (a node gets 30 s to register): a machine busy enough to miss
+    # them gets one more try, then a message that says what to do instead of Ray's traceback.
+    for attempt in (1, 2):
+        try:
+            ray.init(
+                num_cpus=os.cpu_count(),
+                runtime_env={"env_vars": env},
+                object_store_memory=cluster.LOCAL_OBJECT_STORE_BYTES,  # not the default 30% of RAM (cluster.py)
+                include_dashboard=True,  # Train V2 cleans up stopped trials' workers through the State API
+                dashboard_host="127.0.0.1",
+                dashboard_port=port,
+                log_to_driver=True,
+                configure_logging=True,
+                logging_level="WARNING",
+            )
+            return
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception when its processes start too slowly
+            ray.shutdown()
+            first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+            if attempt == 2:
+                raise ClusterError("resources", f"a local Ray could not start on this machine ({first[:200]}); it is "
+                                   "probably too busy", "run again when it is quieter, or start Ray yourself "
+                                   "(`ray start --head`) and pass --address") from None
+            print(f"[lmm_ray] Ray did not start ({first[:200]}); trying once more", file=sys.stderr, flush=True)
+            port = _free_port()
+            env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
 
 
 def _scaling(cfg: SweepConfig):

@@ -389,3 +389,46 @@ def test_check_storage_on_the_cluster(connected, tmp_path, monkeypatch):
     cluster.check_storage("gs://bucket/sweeps/s3")
     monkeypatch.setattr(cluster, "alive_nodes", lambda: [{"NodeID": head, "Alive": True}])
     cluster.check_storage(str(local))
+
+
+def _load_quickstart():
+    from lmm_ray.config import load_sweep
+
+    return load_sweep(Path(__file__).resolve().parents[1] / "sweeps" / "quickstart.yaml")
+
+
+def test_local_ray_start_gets_a_second_try_then_a_clear_error(monkeypatch, capsys):
+    """Ray's start-up waits are fixed; a busy machine that misses them once is retried, and one that
+    misses them twice gets a ClusterError (exit 2, what to do) instead of Ray's bare Exception."""
+    import ray
+
+    from lmm_ray import sweep
+    from lmm_ray.errors import ClusterError
+
+    calls = []
+
+    def failing_init(**kw):
+        calls.append(kw["dashboard_port"])
+        raise Exception("\nThe current node timed out during startup. This could happen because ...")
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.setattr(ray, "init", failing_init)
+    with pytest.raises(ClusterError) as e:
+        sweep.init_ray(_load_quickstart())
+    assert len(calls) == 2 and calls[0] != calls[1]  # a fresh dashboard port for the second try
+    assert "timed out during startup" in str(e.value) and "--address" in str(e.value)
+    assert "trying once more" in capsys.readouterr().err
+
+    calls.clear()
+    outcomes = [Exception("Failed to start the dashboard"), None]
+
+    def flaky_init(**kw):
+        calls.append(kw["dashboard_port"])
+        if outcomes.pop(0) is not None:
+            raise Exception("Failed to start the dashboard")
+
+    monkeypatch.setattr(ray, "init", flaky_init)
+    sweep.init_ray(_load_quickstart())
+    assert len(calls) == 2
