@@ -13,6 +13,7 @@ or failing at its first checkpoint (Ray Train writes checkpoints from every node
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
@@ -293,3 +294,21 @@ def check_storage(sweep_dir: str, *, timeout_s: float = PROBE_TIMEOUT_S) -> None
 
 __all__ = ["ClusterError", "TRIAL_DRIVER_RESOURCES", "alive_nodes", "worker_bundle", "worker_slots", "check_cluster_resources",
            "check_storage"]
+
+
+@contextlib.contextmanager
+def own_staging_folder(sweep_name: str):
+    """Ray 2.60 stages a Tune run's driver files (experiment state, searcher state, trial results
+    before they sync to storage) in `<ray session>/artifacts/<the second it started>/<experiment>`,
+    and every sweep's experiment is `tune` (the folder in its storage). Two sweeps started in the
+    same second on one cluster shared that folder and synced each other's trials into their storage
+    (one then hung on the other's trial). Ray reads the timestamp from `ray.tune.utils.date_str`
+    when the run starts; while fit() starts, it also names the sweep and this driver process."""
+    import ray.tune.utils as tune_utils
+
+    second = tune_utils.date_str
+    tune_utils.date_str = lambda: f"{second()}_{sweep_name}_{os.getpid()}"
+    try:
+        yield
+    finally:
+        tune_utils.date_str = second

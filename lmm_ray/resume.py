@@ -141,3 +141,33 @@ class StorageWatch(Callback):
         why = storage_problem(self.sweep_dir)
         if why:
             raise storage_lost(self.sweep_dir, why)
+
+
+class QuietAfterCtrlC(Callback):
+    """After a Ctrl-C the console says one thing: how to resume. Ray forwards every worker's output
+    to the driver's console, and the trials Tune tears down then print their actors' deaths with
+    tracebacks (a Train controller whose worker group was starting, a worker's C++ stack). So the
+    first Ctrl-C stops that forwarding (the workers' own log files keep everything), then reaches
+    Tune's handler as before. Installed in `setup`, when Tune's handler is in place."""
+
+    def setup(self, **info):
+        if threading.current_thread() is not threading.main_thread():
+            return
+        tunes = signal.getsignal(signal.SIGINT)
+        if not callable(tunes):
+            return
+
+        def on_ctrl_c(signum, frame):
+            mute_worker_output()
+            tunes(signum, frame)  # (it puts back the handler it found: SigintWatch still sees the Ctrl-C)
+
+        signal.signal(signal.SIGINT, on_ctrl_c)
+
+
+def mute_worker_output() -> None:
+    """Stop printing Ray workers' stdout/stderr on this driver's console (Ray's own handler name)."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher
+    except ImportError:  # a Ray that moved it: the console stays as noisy as Ray makes it
+        return
+    global_worker_stdstream_dispatcher.remove_handler("ray_print_logs")

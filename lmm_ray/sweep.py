@@ -469,7 +469,8 @@ def run(cfg: SweepConfig, *, resume: bool = False, address: str | None = None) -
                 param_space=cfg.search_space.to_tune(),
                 tune_config=ray.tune.TuneConfig(**tc),
                 run_config=ray.tune.RunConfig(name=TUNE_DIR, storage_path=cfg.sweep_dir,
-                                              callbacks=[logger, resuming.StorageWatch(cfg.sweep_dir)],
+                                              callbacks=[logger, resuming.StorageWatch(cfg.sweep_dir),
+                                                         resuming.QuietAfterCtrlC()],
                                               failure_config=ray.tune.FailureConfig(max_failures=cfg.resources.max_failures),
                                               progress_reporter=make_reporter(cfg), verbose=1),
             )
@@ -478,7 +479,7 @@ def run(cfg: SweepConfig, *, resume: bool = False, address: str | None = None) -
         prev_output = os.environ.get("RAY_AIR_NEW_OUTPUT")
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
         try:
-            with resuming.SigintWatch() as watch, _tune_lines_filtered():
+            with resuming.SigintWatch() as watch, _tune_lines_filtered(), cluster.own_staging_folder(cfg.name):
                 results_grid = tuner.fit()
         finally:
             if prev_output is None:

@@ -3,7 +3,7 @@
 Environment variables choose the faults (each happens once per marks folder):
 - FAULT_MARKS: a folder for the marks below (required);
 - FAULT_KILL_WORKER_LR=<lr>: the Ray Train worker of the trial with this learning rate SIGKILLs
-  itself about a second into its first stage (marks/killed holds its pid). Every stage start
+  itself at the second training step of its first stage (marks/killed holds its pid). Every stage start
   leaves marks/start.<lr>.<stage>.<pid>, so a test can tell which trials trained again;
 - FAULT_KILL_DRIVER_AFTER_TELL=1: the driver SIGKILLs itself right after Optuna records its first
   COMPLETE trial, before Tune saves that the trial ended: Optuna has it COMPLETE, Tune's saved
@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import threading
 from pathlib import Path
 
 MARKS = Path(os.environ["FAULT_MARKS"])
@@ -35,8 +34,17 @@ def faulty_train_loop(config: dict, marks: str = str(MARKS), kill_lr: str | None
         folder = Path(marks)
         (folder / f"start.{lr:g}.{kw['stage']}.{os.getpid()}").touch()
         if kill_lr is not None and abs(lr - float(kill_lr)) < 1e-12 and not (folder / "killed").exists():
-            (folder / "killed").write_text(str(os.getpid()))
-            threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGKILL)).start()  # mid-stage
+            # At the stage's second forward (step 2 of 3): mid-stage whatever the machine's speed (a
+            # timer fired after a fast stage had ended and been checkpointed, and nothing trained again).
+            calls = []
+
+            def kill_at_second_forward(module, args):
+                calls.append(1)
+                if len(calls) == 2:
+                    (folder / "killed").write_text(str(os.getpid()))
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            model.register_forward_pre_hook(kill_at_second_forward)
         return real(model, encs, **kw)
 
     T.train_stage = wrapped

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -432,3 +433,24 @@ def test_local_ray_start_gets_a_second_try_then_a_clear_error(monkeypatch, capsy
     monkeypatch.setattr(ray, "init", flaky_init)
     sweep.init_ray(_load_quickstart())
     assert len(calls) == 2
+
+
+def test_two_sweeps_started_in_the_same_second_stage_their_driver_files_apart(tmp_path, monkeypatch):
+    """Ray stages a Tune run's driver files in <session>/artifacts/<start second>/tune: the same
+    folder for two sweeps started in the same second on one cluster. Inside own_staging_folder each
+    sweep's folder carries its name and driver pid; outside it, Ray's own second is back."""
+    import ray.train._internal.storage as S
+
+    from lmm_ray.cluster import own_staging_folder
+
+    monkeypatch.setattr(S, "_get_ray_train_session_dir", lambda: str(tmp_path / "artifacts"))
+
+    def staging(name=None):
+        if name is None:
+            return S.StorageContext(storage_path=str(tmp_path), experiment_dir_name="tune").experiment_driver_staging_path
+        with own_staging_folder(name):
+            return S.StorageContext(storage_path=str(tmp_path), experiment_dir_name="tune").experiment_driver_staging_path
+
+    a, b, plain = staging("multi"), staging("asha"), staging()
+    assert a != b and f"_multi_{os.getpid()}/tune/" in a and f"_asha_{os.getpid()}/tune/" in b, (a, b)
+    assert re.fullmatch(r".*/artifacts/\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d/tune/driver_artifacts", plain), plain

@@ -217,6 +217,44 @@ def test_sigint_watch_sees_the_ctrl_c_that_tune_caught():
     assert twice.interrupted and sig.getsignal(sig.SIGINT) is before
 
 
+def test_ctrl_c_stops_forwarding_worker_output_and_still_stops_tune():
+    """QuietAfterCtrlC wraps Tune's handler: the first Ctrl-C removes Ray's handler that prints
+    workers' output on the driver console, Tune still stops, SigintWatch still sees it; a run
+    without a Ctrl-C keeps the workers' output."""
+    import signal as sig
+
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    from ray.tune.tune import _setup_signal_catching
+
+    from lmm_ray.resume import QuietAfterCtrlC, SigintWatch
+
+    def printed():
+        return [name for name, _ in dispatcher.handlers if name == "ray_print_logs"]
+
+    had = printed()
+    dispatcher.add_handler("ray_print_logs", lambda data: None)
+    try:
+        with SigintWatch() as quiet:
+            _setup_signal_catching()
+            QuietAfterCtrlC().setup()
+        assert not quiet.interrupted and printed()
+        with SigintWatch() as hit:
+            caught = _setup_signal_catching()
+            QuietAfterCtrlC().setup()
+            os.kill(os.getpid(), sig.SIGINT)
+            time.sleep(0.1)
+            assert caught.is_set() and not printed()
+        assert hit.interrupted
+    finally:
+        dispatcher.remove_handler("ray_print_logs")
+        for _ in had:  # (this process's own Ray, if a test started one, prints again)
+            from functools import partial
+
+            from ray._private.worker import print_to_stdstream
+
+            dispatcher.add_handler("ray_print_logs", partial(print_to_stdstream, ignore_prefix=False))
+
+
 @pytest.mark.slow
 def test_driver_killed_after_optuna_complete_storage_read_only_then_resume(setup):
     root, name = setup, "drv"
