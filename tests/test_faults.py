@@ -9,7 +9,8 @@ one at a time: 1e-4 and 3e-4 train, 1e+06 goes non-finite), faults from tests/fa
   - "int": a worker killed with resources.max_failures=0 (that trial fails with a readable reason, the
     sweep goes on); a second driver on the sweep refused; Ctrl-C (exit 130, the resume command, MLflow
     runs KILLED); --resume (which retries the trial that failed with an error).
-The trial with lr 1e-4 is compared, in both, with the same trial run plainly in this process.
+The two run at once, each on a local Ray of its own (`scenarios`). The trial with lr 1e-4 is
+compared, in both, with the same trial run plainly in this process.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -255,9 +255,26 @@ def test_ctrl_c_stops_forwarding_worker_output_and_still_stops_tune():
             dispatcher.add_handler("ray_print_logs", partial(print_to_stdstream, ignore_prefix=False))
 
 
-@pytest.mark.slow
-def test_driver_killed_after_optuna_complete_storage_read_only_then_resume(setup):
-    root, name = setup, "drv"
+@pytest.fixture(scope="module")
+def scenarios(setup):
+    """Both fault scenarios, started together at the module's first slow test: each mostly waits on
+    its sweep (process and Ray start-ups, Ray Train's worker start per trial), so two at once fill
+    the 2 cores better than one after the other. Each runs its sweeps on a local Ray of its own,
+    as `make sweep` does. A scenario's assertions fail in its thread and surface in its test
+    (Future.result); the reference trial (`uninterrupted`) runs in the test, in the main thread
+    (torch's thread count is per process)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(2)
+    try:
+        yield {"drv": pool.submit(driver_killed_then_read_only_then_resume, setup),
+               "int": pool.submit(ctrl_c_then_resume, setup)}
+    finally:
+        pool.shutdown(wait=True)  # each ends: its sweeps finish, fail or hit their time-outs
+
+
+def driver_killed_then_read_only_then_resume(root: Path) -> dict:
+    name = "drv"
     d, marks = root / name, root / "drv_marks"
     marks.mkdir()
     worker = {"FAULT_KILL_WORKER_LR": str(GOOD)}  # once, whichever run reaches that trial
@@ -304,18 +321,20 @@ def test_driver_killed_after_optuna_complete_storage_read_only_then_resume(setup
     killed = (marks / "killed").read_text()
     starts = sorted(p.name.rsplit(".", 1)[1] for p in marks.glob(f"start.{GOOD:g}.1.*"))
     assert len(starts) == 2 and killed in starts, starts
-    ref = uninterrupted(root, name, GOOD)
-    assert {k: rows[GOOD][k] for k in AGGREGATES} == pytest.approx(ref, rel=1e-6, abs=1e-9)
+    return {k: rows[GOOD][k] for k in AGGREGATES}
 
 
 @pytest.mark.slow
-def test_ctrl_c_then_resume_and_a_worker_killed_without_retries(setup):
-    root, name = setup, "int"
+def test_driver_killed_after_optuna_complete_storage_read_only_then_resume(setup, scenarios):
+    """The drv scenario (module docstring); the retried trial equals the same trial run plainly."""
+    good = scenarios["drv"].result(timeout=1500)
+    assert good == pytest.approx(uninterrupted(setup, "drv", GOOD), rel=1e-6, abs=1e-9)
+
+
+def ctrl_c_then_resume(root: Path) -> dict:
+    name = "int"
     d, marks = root / name, root / "int_marks"
     marks.mkdir()
-    d.mkdir()
-    if (root / "drv" / "base_eval.json").exists():  # the same file: the same base evaluation
-        shutil.copy(root / "drv" / "base_eval.json", d / "base_eval.json")
     fault = {"FAULT_KILL_WORKER_LR": str(OTHER)}
     p = start(root, name, "resources.max_failures=0", marks=marks, env=fault, log="1")  # (the default retries once)
     try:
@@ -370,4 +389,11 @@ def test_ctrl_c_then_resume_and_a_worker_killed_without_retries(setup):
     assert rows[OTHER]["status"] == "finished" and len(list(marks.glob(f"start.{OTHER:g}.1.*"))) == 2, rows[OTHER]
     assert rows[NONFINITE]["status"] == "failed" and re.match(NONFINITE_REASON, rows[NONFINITE]["reason"])
     check_ended_cleanly(d, name, res, log, retried={rows[OTHER]["trial_id"]})
-    assert {k: rows[GOOD][k] for k in AGGREGATES} == pytest.approx(uninterrupted(root, name, GOOD), rel=1e-6, abs=1e-9)
+    return {k: rows[GOOD][k] for k in AGGREGATES}
+
+
+@pytest.mark.slow
+def test_ctrl_c_then_resume_and_a_worker_killed_without_retries(setup, scenarios):
+    """The int scenario (module docstring); the interrupted and resumed trial equals it run plainly."""
+    good = scenarios["int"].result(timeout=1500)
+    assert good == pytest.approx(uninterrupted(setup, "int", GOOD), rel=1e-6, abs=1e-9)
