@@ -292,10 +292,6 @@ def check_storage(sweep_dir: str, *, timeout_s: float = PROBE_TIMEOUT_S) -> None
     )
 
 
-__all__ = ["ClusterError", "TRIAL_DRIVER_RESOURCES", "alive_nodes", "worker_bundle", "worker_slots", "check_cluster_resources",
-           "check_storage"]
-
-
 @contextlib.contextmanager
 def own_staging_folder(sweep_name: str):
     """Ray 2.60 stages a Tune run's driver files (experiment state, searcher state, trial results
@@ -303,7 +299,7 @@ def own_staging_folder(sweep_name: str):
     and every sweep's experiment is `tune` (the folder in its storage). Two sweeps started in the
     same second on one cluster shared that folder and synced each other's trials into their storage
     (one then hung on the other's trial). Ray reads the timestamp from `ray.tune.utils.date_str`
-    when the run starts; while fit() starts, it also names the sweep and this driver process."""
+    when the run starts; inside this block it also carries the sweep's name and this driver's pid."""
     import ray.tune.utils as tune_utils
 
     second = tune_utils.date_str
@@ -312,3 +308,7 @@ def own_staging_folder(sweep_name: str):
         yield
     finally:
         tune_utils.date_str = second
+
+
+__all__ = ["ClusterError", "TRIAL_DRIVER_RESOURCES", "alive_nodes", "worker_bundle", "worker_slots", "check_cluster_resources",
+           "check_storage", "own_staging_folder"]
