@@ -11,9 +11,11 @@ waits (process and Ray start-ups, Tune), so three at once fill the 2 cores. Each
 many tests on its outputs (module fixtures run it once).
   - multi-objective and ASHA: both on the session's shared Ray cluster (conftest `ray_cluster`,
     `--address`), no Ray start-up of their own, one trial each at a time (the cluster's 2 CPUs).
-    They start in the same second, as two users' sweeps on one cluster can: Ray stages a Tune
+    Their processes start together, as two users' sweeps on one cluster can. Ray stages a Tune
     run's driver files by start second and experiment name, and cluster.own_staging_folder keeps
-    them apart (without it the two sweeps wrote each other's trials and one hung);
+    them apart (before it, two sweeps whose Tuners started in the same second wrote each other's
+    trials and one hung); whether the Tuners meet in one second here depends on timing, so the
+    mechanism has its own test (test_cluster, ..._stage_their_driver_files_apart);
   - kill-and-resume: on a local Ray of its own (the test kills the driver's whole process group,
     Ray included); its first half (run until the first trial is complete, then SIGKILL) runs in a
     thread. It covers how `sweep.init_ray` starts a local Ray.
