@@ -3,7 +3,8 @@
     python benchmarks/step_profile.py [--model base:qwen2_5_vl@quickstart] [--steps 20] [--recipe sa_proj]
 
 The step is optim.train_stage's (forward with labels, backward, clipping, AdamW) on collated
-batches of the quickstart's first stage (count), prepared before timing. It prints:
+batches of the quickstart's first stage (clock; the profile in docs/benchmarks.md was taken when it was
+count), prepared before timing. It prints:
 - seconds per step with 1 and 2 torch threads (median of 3 blocks of `steps` steps);
 - a torch.profiler breakdown of one block (1 thread): self CPU time of matmul kernels (mm, addmm,
   bmm, SDPA's kernels), of elementwise kernels, of other ATen ops, and the rest of the wall time

@@ -73,7 +73,7 @@ def test_shipped_sweeps_load(path, monkeypatch, tmp_path):
 
 def test_quickstart_and_smoke_contents():
     q = load_sweep(ROOT / "sweeps/quickstart.yaml")
-    assert [s.skill for s in q.stages] == ["count", "read_word", "clock"]
+    assert [s.skill for s in q.stages] == ["clock", "count", "read_word"]
     assert [s.steps for s in q.stages] == [120, 120, 120]
     assert q.heldout_names == heldout_skills()
     assert (q.search.algorithm, q.search.num_trials, q.objective.mode, q.scheduler.type) == ("tpe", 8, "scalar", "none")

@@ -161,7 +161,7 @@ def test_validate_quickstart_prints_the_plan(capsys):
     rc, out, err, _ = run_cli(capsys, "validate", ROOT / "sweeps" / "quickstart.yaml")
     assert rc == 0, err
     for text in ("sweep      quickstart", "model      base:qwen2_5_vl (qwen2_5_vl)",
-                 "count (120 steps) -> read_word (120 steps) -> clock (120 steps)", "search     tpe, 8 trials",
+                 "clock (120 steps) -> count (120 steps) -> read_word (120 steps)", "search     tpe, 8 trials",
                  "sa_proj (", "trainable)", "objective  scalar", "mlflow     sqlite:///"):
         assert text in out, f"{text!r} not in the plan:\n{out}"
     assert out.rstrip().endswith("valid")
