@@ -2,6 +2,7 @@
 same trials in 2 processes: wall time, their ratio, and whether the metrics agree.
 
     python benchmarks/sweep_vs_loop.py [--trials sa_proj,mlp,mlp_gate_up,full] [--lr 5e-4] [--out DIR]
+                                       [--steps N]   # every stage N steps (longer trials; default 120)
 
 Both sides run the quickstart's stages, pools and evaluation (sweeps/quickstart.yaml) for the same
 fixed configurations (a grid over the recipes at one learning rate, so neither side samples).
@@ -12,7 +13,8 @@ fixed configurations (a grid over the recipes at one learning rate, so neither s
   base evaluation does), then runs its share of the trials with `train.run_trial`, 1 torch thread.
   Timed from before the spawn to the last process's end.
 The ratio sweep/loop is what Ray, Tune and MLflow cost on top of the trials' own work (target
-<= 1.3 on the quickstart, issue #17). Record `uptime` with it: the cores are shared.
+<= 1.3 on the quickstart, <= 1.15 for trials of >= 2 minutes: `--steps 700`, issue #17). Record
+`uptime` with it: the cores are shared.
 """
 
 from __future__ import annotations
@@ -39,8 +41,11 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPARED = ("learning", "target_forgetting", "heldout_change", "counting_bias", "objective")
 
 
-def sweep_file(out: Path, recipes: list[str], lr: float) -> Path:
+def sweep_file(out: Path, recipes: list[str], lr: float, steps: int | None = None) -> Path:
     cfg = yaml.safe_load((ROOT / "sweeps" / "quickstart.yaml").read_text())
+    if steps:
+        for stage in cfg["stages"]:
+            stage["steps"] = steps
     cfg.update(name="sweep_vs_loop", storage=str(out / "runs"),
                search_space={"recipe": {"choice": recipes}, "lr": lr},
                search={"algorithm": "grid", "num_trials": len(recipes), "max_concurrent": 2})
@@ -79,13 +84,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", default="sa_proj,mlp,mlp_gate_up,full", help="recipes, one trial each")
     ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--steps", type=int, help="steps of every stage (the quickstart's 120 when not given)")
     ap.add_argument("--out", help="folder for the sweep (default: a temporary one)")
     ap.add_argument("--json", help="write the numbers here")
     a = ap.parse_args()
     recipes = a.trials.split(",")
     out = Path(a.out or tempfile.mkdtemp(prefix="sweep_vs_loop-"))
     out.mkdir(parents=True, exist_ok=True)
-    path = sweep_file(out, recipes, a.lr)
+    path = sweep_file(out, recipes, a.lr, a.steps)
     load = {"start": os.getloadavg()}
 
     # The sweep, as `lmm-ray sweep` runs it (a subprocess: its own Ray, nothing left in this one).
@@ -117,7 +123,7 @@ def main() -> None:
         print(f"{r:<12} " + " ".join(f"{swept[r][k]:>8.3f}/{looped[r][k]:<9.3f}" for k in COMPARED) + "  (sweep/loop)")
     print(f"largest metric difference sweep vs loop: {diff:.3g}")
     print(f"sweep {sweep_s:.1f} s, plain loop (2 processes) {loop_s:.1f} s, ratio {sweep_s / loop_s:.2f} "
-          f"(target <= 1.3); load average {load}")
+          f"(target <= {1.15 if a.steps and a.steps >= 700 else 1.3}); load average {load}")
     if a.json:
         Path(a.json).write_text(json.dumps({"sweep_s": sweep_s, "loop_s": loop_s, "ratio": sweep_s / loop_s,
                                             "max_metric_diff": diff, "load": load, "sweep": swept, "loop": looped}, indent=1))

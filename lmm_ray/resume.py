@@ -164,6 +164,25 @@ class QuietAfterCtrlC(Callback):
         signal.signal(signal.SIGINT, on_ctrl_c)
 
 
+def quiet_teardown() -> None:
+    """Let this Ray worker process die without a traceback on the sweep's console.
+
+    Ray stops a finished trial's processes with SIGTERM (the trial's placement group is removed
+    while its actor is still exiting) and its SIGTERM handler raises SystemExit wherever Python is;
+    inside a garbage-collection callback that prints "Exception ignored in ... SystemExit", which
+    Ray forwards to the driver (seen after a healthy sweep's last trial). A SystemExit nobody can
+    catch is the process ending as asked, so only it is dropped; any other unraisable exception
+    goes to the hook that was there."""
+    import sys
+
+    def hook(unraisable, _before=sys.unraisablehook):
+        if unraisable.exc_type is not None and issubclass(unraisable.exc_type, SystemExit):
+            return
+        _before(unraisable)
+
+    sys.unraisablehook = hook
+
+
 def mute_worker_output() -> None:
     """Stop printing Ray workers' stdout/stderr on this driver's console (Ray's own handler name)."""
     try:

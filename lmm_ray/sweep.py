@@ -147,17 +147,21 @@ def _quiet_reports() -> None:
 
 def quiet_train_loop(config: dict) -> None:
     """train.train_loop_per_worker, quietly (_quiet_reports)."""
+    from lmm_ray.resume import quiet_teardown
     from lmm_ray.train import train_loop_per_worker
 
     _quiet_reports()
+    quiet_teardown()
     train_loop_per_worker(config)
 
 
 def quiet_base_loop(config: dict) -> None:
     """train.base_loop_per_worker, quietly (_quiet_reports)."""
+    from lmm_ray.resume import quiet_teardown
     from lmm_ray.train import base_loop_per_worker
 
     _quiet_reports()
+    quiet_teardown()
     base_loop_per_worker(config)
 
 
@@ -168,9 +172,12 @@ def make_trial_fn(cfg: SweepConfig, base_packed: dict, trial_data: str | None = 
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from lmm_ray.resume import quiet_teardown
+
     storage = _train_storage(cfg)
 
     def trial(sampled: dict) -> None:
+        quiet_teardown()  # (in the trial's actor: Tune's trial function runs there)
         tid = ray.tune.get_context().get_trial_id()
         spec = trial_spec(cfg, sampled, tid)
         ray.train.torch.TorchTrainer(
@@ -460,6 +467,9 @@ def run(cfg: SweepConfig, *, resume: bool = False, address: str | None = None) -
             tuner = ray.tune.Tuner.restore(f"{cfg.sweep_dir.rstrip('/')}/{TUNE_DIR}", trainable=trainable,
                                            resume_unfinished=True, resume_errored=True)
         else:
+            # Not reuse_actors=True: a trial ASHA stops is still inside TorchTrainer.fit() when Tune
+            # resets its actor for the next trial, the reset fails and that trial errors and hangs
+            # the sweep (measured; docs/benchmarks.md, "Sweep vs plain loop").
             tc = dict(search_alg=make_searcher(cfg), scheduler=make_scheduler(cfg), num_samples=cfg.search.num_trials,
                       max_concurrent_trials=cfg.search.max_concurrent)
             if cfg.objective.mode == "scalar":

@@ -397,3 +397,32 @@ def test_ctrl_c_then_resume_and_a_worker_killed_without_retries(setup, scenarios
     """The int scenario (module docstring); the interrupted and resumed trial equals it run plainly."""
     good = scenarios["int"].result(timeout=1500)
     assert good == pytest.approx(uninterrupted(setup, "int", GOOD), rel=1e-6, abs=1e-9)
+
+
+def test_quiet_teardown_drops_only_a_systemexit_nobody_can_catch():
+    """Ray's SIGTERM handler raises SystemExit wherever the dying process is; raised in a `__del__`
+    Python hands it to sys.unraisablehook ("Exception ignored in"); quiet_teardown drops that one,
+    and only that one."""
+    import gc
+    import sys
+
+    from lmm_ray.resume import quiet_teardown
+
+    class Dies:
+        def __init__(self, exc):
+            self.exc = exc
+
+        def __del__(self):
+            raise self.exc
+
+    seen = []
+    before = sys.unraisablehook
+    sys.unraisablehook = lambda u: seen.append(u.exc_type)
+    try:
+        quiet_teardown()
+        Dies(SystemExit(1))
+        Dies(ValueError("still shown"))
+        gc.collect()
+    finally:
+        sys.unraisablehook = before
+    assert seen == [ValueError]
