@@ -530,10 +530,10 @@ def test_a_space_of_fixed_values_runs_as_one_trial(storage, ray_cluster):
 
 
 def test_stage_reporter_prints_on_change_and_ranks_only_finished_trials():
-    from lmm_ray import config, sweep
+    from lmm_ray import config, console
 
     cfg = config.load_sweep(SMOKE)
-    rep = sweep.make_reporter(cfg)
+    rep = console.make_reporter(cfg)
     rep.setup(metric="objective", mode="max")
     trial = lambda tid, status, stage, obj: SimpleNamespace(  # noqa: E731
         trial_id=tid, status=status, last_result={"stage": stage, "objective": obj} if stage else {})
