@@ -77,6 +77,11 @@ def test_quickstart_and_smoke_contents():
     assert [s.steps for s in q.stages] == [120, 120, 120]
     assert q.heldout_names == heldout_skills()
     assert (q.search.algorithm, q.search.num_trials, q.objective.mode, q.scheduler.type) == ("tpe", 8, "scalar", "none")
+    p = load_sweep(ROOT / "sweeps/phenomena.yaml")  # the quickstart's world, a grid for fidelity.py's (c)
+    assert [s.skill for s in p.stages] == [s.skill for s in q.stages] and [s.steps for s in p.stages] == [240] * 3
+    assert (p.model, p.heldout_names, p.train, p.eval, p.objective) == (q.model, q.heldout_names, q.train, q.eval, q.objective)
+    assert (p.search.algorithm, p.search.num_trials) == ("grid", 9)
+    assert p.search_space.recipe_names == ["sa_proj", "mlp_gate_up", "full"]
     s = load_sweep(ROOT / "sweeps/smoke.yaml")
     assert s.model == "base:qwen2_5_vl@ci" and len(s.stages) == 2 and len(s.heldout) == 3
     assert (s.search.algorithm, s.search.num_trials, s.eval.n_per_skill) == ("random", 2, 8)
