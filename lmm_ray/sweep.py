@@ -2,9 +2,10 @@
 
 The shape follows Ray 2.60's Train V2 (docs/architecture.md, "Ray, Optuna, MLflow"): a Tune trial is a plain
 function that builds a `TorchTrainer` and calls `fit()`; workers report once per stage; the
-trial function holds only a sliver of a CPU so it never blocks a worker. The base model is
-evaluated once per sweep and handed to every trial. After the run, the results and per-stage
-tables are written next to the Tune state and the Pareto front is printed and logged to MLflow.
+trial function holds no CPU (cluster.TRIAL_DRIVER_RESOURCES), so it never keeps a worker waiting.
+The base model is evaluated once per sweep and handed to every trial. After the run, the results
+and per-stage tables are written next to the Tune state and the Pareto front is printed and logged
+to MLflow. What the console shows while Tune runs is console.py's.
 """
 
 from __future__ import annotations

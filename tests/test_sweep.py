@@ -559,3 +559,39 @@ def test_worker_env_quiets_ray_train_and_hf_at_the_source(monkeypatch):
     assert env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0" and env["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
     monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")  # a user's own choice wins
     assert sweep.worker_env()["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "1"
+
+
+def test_tune_lines_filtered_drops_the_grid_end_warning_and_raises_the_slow_threshold(monkeypatch):
+    """Inside: Optuna's "`Study.stop` ..." (GridSampler, at a grid's end) is dropped, other warnings
+    of that logger pass; Tune's slow-operation threshold is 5 s unless TUNE_WARN_THRESHOLD_S is set.
+    Outside: both as Ray has them."""
+    import logging
+
+    from ray.tune.utils.util import warn_if_slow
+
+    from lmm_ray import console
+
+    log = logging.getLogger("ray.tune.search.optuna.optuna_search")
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    handler = Keep()
+    log.addHandler(handler)
+    monkeypatch.delenv("TUNE_WARN_THRESHOLD_S", raising=False)
+    before = warn_if_slow.DEFAULT_THRESHOLD
+    try:
+        with console.tune_lines_filtered():
+            log.warning(RuntimeError("`Study.stop` is supposed to be invoked inside an objective function or a callback."))
+            log.warning("another warning")
+            assert warn_if_slow.DEFAULT_THRESHOLD == max(before, 5.0)
+        log.warning(RuntimeError("`Study.stop` is supposed to be invoked inside an objective function or a callback."))
+        assert warn_if_slow.DEFAULT_THRESHOLD == before
+        monkeypatch.setenv("TUNE_WARN_THRESHOLD_S", "0.5")  # a user's own threshold wins
+        with console.tune_lines_filtered():
+            assert warn_if_slow.DEFAULT_THRESHOLD == before
+    finally:
+        log.removeHandler(handler)
+    assert seen == ["another warning", "`Study.stop` is supposed to be invoked inside an objective function or a callback."]
