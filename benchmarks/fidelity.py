@@ -27,6 +27,7 @@ import pandas as pd
 from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lmm_ray.errors import UserError  # noqa: E402
 from lmm_ray.results import load_results  # noqa: E402
 
 # (recipe, recipe it should forget less than in the study)
@@ -40,7 +41,7 @@ def recovery(stages: pd.DataFrame) -> pd.DataFrame:
         h = g.sort_values("stage").set_index("stage")["heldout_mean"]
         best = max((h[s] - h.loc[1:s - 1].min() for s in h.index if s >= 2), default=float("nan"))
         rows.append({"trial_id": tid, "recovery_pp": best})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["trial_id", "recovery_pp"])
 
 
 def curves(res: pd.DataFrame) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -75,10 +76,18 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("sweep_dir", help="a finished sweep's storage folder (holds results.csv and stages.csv)")
     a = ap.parse_args(argv)
-    res, st = load_results(a.sweep_dir)
+    try:
+        res, st = load_results(a.sweep_dir)
+    except UserError as e:  # a wrong folder is the user's to fix: say so, no traceback
+        print(f"fidelity.py: error: {e}", file=sys.stderr)
+        return 2
     res = res[res["status"] == "finished"]
     st = st[st["trial_id"].isin(res["trial_id"])]
     print(f"# {a.sweep_dir}: {len(res)} finished trials")
+    if res.empty:
+        print("fidelity.py: error: no finished trial to measure yet (results.csv lists only failed or "
+              "stopped ones); run it again when the sweep has finished trials", file=sys.stderr)
+        return 2
 
     rec = recovery(st).merge(res[["trial_id", "recipe", "lr"]], on="trial_id")
     n_rec = int((rec["recovery_pp"] > 0).sum())

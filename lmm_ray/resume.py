@@ -175,11 +175,15 @@ def quiet_teardown() -> None:
     goes to the hook that was there."""
     import sys
 
+    if getattr(sys.unraisablehook, "lmm_ray_quiet_teardown", False):
+        return  # once per process: a second call would wrap the hook again
+
     def hook(unraisable, _before=sys.unraisablehook):
         if unraisable.exc_type is not None and issubclass(unraisable.exc_type, SystemExit):
             return
         _before(unraisable)
 
+    hook.lmm_ray_quiet_teardown = True
     sys.unraisablehook = hook
 
 

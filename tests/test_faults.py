@@ -420,6 +420,9 @@ def test_quiet_teardown_drops_only_a_systemexit_nobody_can_catch():
     sys.unraisablehook = lambda u: seen.append(u.exc_type)
     try:
         quiet_teardown()
+        installed = sys.unraisablehook
+        quiet_teardown()  # (every trial and worker calls it; once per process is enough)
+        assert sys.unraisablehook is installed
         Dies(SystemExit(1))
         Dies(ValueError("still shown"))
         gc.collect()

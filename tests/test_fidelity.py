@@ -45,3 +45,22 @@ def test_matched_learning_says_when_two_curves_do_not_overlap():
     res = pd.DataFrame({"recipe": ["sa_proj", "full"], "learning": [10.0, 30.0], "heldout_change": [-1.0, -9.0]})
     (row,) = fidelity.matched(res)
     assert row["at"] is None and row["range"] == {"sa_proj": (10.0, 10.0), "full": (30.0, 30.0)}
+
+
+def test_a_folder_without_results_is_a_message_and_exit_2(tmp_path, capsys):
+    assert fidelity.main([str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fidelity.py: error: no results.csv in ") and "Traceback" not in err
+
+
+def test_a_sweep_without_finished_trials_is_a_message_and_exit_2(tmp_path, capsys):
+    sweep = tmp_path / "s"
+    sweep.mkdir()
+    res = pd.DataFrame({"trial_id": ["a"], "status": ["failed"], "recipe": ["sa_proj"], "lr": [1e-3],
+                        "learning": [float("nan")], "heldout_change": [float("nan")],
+                        "counting_bias": [float("nan")], "kl_base": [float("nan")]})
+    res.to_csv(sweep / "results.csv", index=False)
+    pd.DataFrame({"trial_id": ["a"], "stage": [0], "skill": [""], "heldout_mean": [90.0]}).to_csv(sweep / "stages.csv", index=False)
+    assert fidelity.main([str(sweep)]) == 2
+    assert "no finished trial to measure yet" in capsys.readouterr().err
+    assert fidelity.recovery(pd.DataFrame(columns=["trial_id", "stage", "heldout_mean"])).empty
